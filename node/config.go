@@ -3,8 +3,10 @@ package node
 import (
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"strings"
+	"time"
 
 	"github.com/BurntSushi/toml"
 )
@@ -24,6 +26,115 @@ type Config struct {
 	LogFormat string `toml:"log_format"`
 
 	Exports []Export `toml:"export"`
+
+	// Cluster mode (`vblade node`).
+	NodeID string `toml:"node_id"`
+	// DataDir holds the Raft log (bolt) and snapshot metadata.
+	DataDir string `toml:"data_dir"`
+	// RaftAddr is host:port to bind; it carries Raft and node-to-node admin
+	// traffic. RaftAdvertise is the address peers use (default RaftAddr).
+	RaftAddr      string `toml:"raft_addr"`
+	RaftAdvertise string `toml:"raft_advertise"`
+	// AdminSocket is the unix socket vbladectl talks to.
+	AdminSocket string `toml:"admin_socket"`
+	// MetricsAddr, if set, serves Prometheus metrics on host:port.
+	MetricsAddr string `toml:"metrics_addr"`
+	// MACMode is "virtual" (a per-target MAC that moves with leadership) or
+	// "node" (the interface's own MAC, re-announced on failover).
+	MACMode string `toml:"mac_mode"`
+	// ClusterName seeds the virtual MACs; every node of a cluster must use
+	// the same name.
+	ClusterName string `toml:"cluster_name"`
+	// Raft timing (see docs/ARCHITECTURE.md for the trade-off).
+	HeartbeatTimeout Duration `toml:"heartbeat_timeout"`
+	ElectionTimeout  Duration `toml:"election_timeout"`
+	LeaderLease      Duration `toml:"leader_lease"`
+	// SnapshotInterval and SnapshotThreshold tune log compaction.
+	SnapshotInterval  Duration `toml:"snapshot_interval"`
+	SnapshotThreshold uint64   `toml:"snapshot_threshold"`
+	TrailingLogs      uint64   `toml:"trailing_logs"`
+}
+
+// Duration is a time.Duration written as a Go duration string ("500ms").
+type Duration struct{ time.Duration }
+
+// UnmarshalText implements encoding.TextUnmarshaler.
+func (d *Duration) UnmarshalText(b []byte) error {
+	v, err := time.ParseDuration(string(b))
+	if err != nil {
+		return fmt.Errorf("duration %q: %w", b, err)
+	}
+	if v < 0 {
+		return fmt.Errorf("duration %q is negative", b)
+	}
+	d.Duration = v
+	return nil
+}
+
+// MarshalText implements encoding.TextMarshaler.
+func (d Duration) MarshalText() ([]byte, error) { return []byte(d.String()), nil }
+
+// Defaults for cluster mode, tuned for a LAN.
+const (
+	DefaultAdminSocket      = "/run/vblade/admin.sock"
+	DefaultHeartbeatTimeout = 500 * time.Millisecond
+	DefaultElectionTimeout  = 500 * time.Millisecond
+	DefaultClusterName      = "vblade-ha"
+)
+
+// ApplyClusterDefaults fills unset cluster keys.
+func (c *Config) ApplyClusterDefaults() {
+	if c.AdminSocket == "" {
+		c.AdminSocket = DefaultAdminSocket
+	}
+	if c.MACMode == "" {
+		c.MACMode = "virtual"
+	}
+	if c.ClusterName == "" {
+		c.ClusterName = DefaultClusterName
+	}
+	if c.HeartbeatTimeout.Duration == 0 {
+		c.HeartbeatTimeout.Duration = DefaultHeartbeatTimeout
+	}
+	if c.ElectionTimeout.Duration == 0 {
+		c.ElectionTimeout.Duration = DefaultElectionTimeout
+	}
+	if c.LeaderLease.Duration == 0 {
+		c.LeaderLease.Duration = c.HeartbeatTimeout.Duration / 2
+	}
+	if c.RaftAdvertise == "" {
+		c.RaftAdvertise = c.RaftAddr
+	}
+}
+
+// ValidateCluster checks the keys cluster mode needs.
+func (c *Config) ValidateCluster() error {
+	switch {
+	case c.NodeID == "":
+		return errors.New("node_id is required")
+	case c.DataDir == "":
+		return errors.New("data_dir is required")
+	case c.RaftAddr == "":
+		return errors.New("raft_addr is required (host:port this node listens on for Raft and peers)")
+	case len(c.Exports) == 0:
+		return errors.New("no [[export]] tables: a node needs at least one export")
+	}
+	if _, _, err := net.SplitHostPort(c.RaftAddr); err != nil {
+		return fmt.Errorf("raft_addr %q: %w", c.RaftAddr, err)
+	}
+	if host, _, err := net.SplitHostPort(c.RaftAdvertise); err != nil || host == "" || net.ParseIP(host).IsUnspecified() {
+		return fmt.Errorf("raft_advertise %q must be a host:port peers can reach (set it when raft_addr binds a wildcard address)", c.RaftAdvertise)
+	}
+	switch c.MACMode {
+	case "virtual", "node":
+	default:
+		return fmt.Errorf("mac_mode %q: want \"virtual\" or \"node\"", c.MACMode)
+	}
+	if c.LeaderLease.Duration >= c.HeartbeatTimeout.Duration {
+		return fmt.Errorf("leader_lease %v must be shorter than heartbeat_timeout %v, or a deposed leader could answer after a new one is elected",
+			c.LeaderLease.Duration, c.HeartbeatTimeout.Duration)
+	}
+	return nil
 }
 
 // LoadConfig reads and checks a configuration file. Unknown keys are errors,

@@ -38,6 +38,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 			return serveMain(args[1:], stdout, stderr)
 		case "echo":
 			return echoMain(args[1:], stdout, stderr)
+		case "node":
+			return nodeMain(args[1:], stdout, stderr)
 		case "version", "--version":
 			fmt.Fprintln(stdout, "vblade-ha", node.Version)
 			return 0

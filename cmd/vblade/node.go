@@ -1,0 +1,79 @@
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/vblade-ha/vblade-ha/node"
+)
+
+// nodeMain runs `vblade node -c FILE`: one member of a cluster.
+func nodeMain(args []string, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("vblade node", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	path := fs.String("c", "/etc/vblade/node.toml", "configuration file")
+	check := fs.Bool("check", false, "validate the configuration and exit")
+	nodeID := fs.String("node-id", "", "override node_id")
+	dataDir := fs.String("data-dir", "", "override data_dir")
+	raftAddr := fs.String("raft-addr", "", "override raft_addr")
+	adminSocket := fs.String("admin-socket", "", "override admin_socket")
+	logLevel := fs.String("log-level", "", "override log_level")
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	cfg, err := node.LoadConfig(*path)
+	if err != nil {
+		fmt.Fprintln(stderr, "vblade:", err)
+		return 1
+	}
+	for flagVal, field := range map[*string]*string{nodeID: &cfg.NodeID, dataDir: &cfg.DataDir, raftAddr: &cfg.RaftAddr,
+		adminSocket: &cfg.AdminSocket, logLevel: &cfg.LogLevel} {
+		if *flagVal != "" {
+			*field = *flagVal
+		}
+	}
+	cfg.ApplyClusterDefaults()
+	if err := cfg.ValidateCluster(); err != nil {
+		fmt.Fprintf(stderr, "vblade: %s: %v\n", *path, err)
+		return 1
+	}
+	if *check {
+		fmt.Fprintf(stdout, "%s: ok (node %s, %d exports)\n", *path, cfg.NodeID, len(cfg.Exports))
+		return 0
+	}
+	log, err := configLogger(cfg, stderr)
+	if err != nil {
+		fmt.Fprintln(stderr, "vblade:", err)
+		return 1
+	}
+	n, err := node.NewNode(cfg, log)
+	if err != nil {
+		fmt.Fprintln(stderr, "vblade:", err)
+		return 1
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	sigs := make(chan os.Signal, 2)
+	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
+	go func() {
+		<-sigs
+		cancel()
+	}()
+	runErr := n.Run(ctx)
+	// A planned stop hands leadership over before Raft stops, so the
+	// initiator sees no election timeout.
+	shutErr := n.Shutdown(true)
+	if runErr != nil {
+		fmt.Fprintln(stderr, "vblade:", runErr)
+		return 1
+	}
+	if shutErr != nil {
+		fmt.Fprintln(stderr, "vblade: shutdown:", shutErr)
+	}
+	return 0
+}
