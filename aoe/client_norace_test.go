@@ -1,0 +1,5 @@
+//go:build !race
+
+package aoe
+
+const raceEnabled = false
