@@ -5,7 +5,7 @@ DESTDIR ?=
 GOFLAGS ?=
 export GOFLAGS
 
-.PHONY: all build test unit e2e bench fuzz vet fmt clean
+.PHONY: all build test unit e2e bench fuzz vet fmt clean install man
 
 all: build
 
@@ -43,3 +43,31 @@ fmt:
 
 clean:
 	rm -rf bin
+
+# Install binaries, systemd units, man pages and example configurations.
+# PREFIX (default /usr/local) and DESTDIR (staging root, for packages) are
+# honoured; the units name $(PREFIX)/bin/vblade, so they are rewritten when
+# PREFIX is not /usr/local. Units go to $(PREFIX)/lib/systemd/system, which
+# systemd searches for /usr/local and /usr (set UNITDIR for another layout).
+# Nothing under /etc is touched: copy $(DOCDIR)/examples/node.toml to
+# /etc/vblade/node.toml yourself.
+BINDIR  ?= $(PREFIX)/bin
+MANDIR  ?= $(PREFIX)/share/man
+UNITDIR ?= $(PREFIX)/lib/systemd/system
+DOCDIR  ?= $(PREFIX)/share/doc/vblade-ha
+install: build
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(MANDIR)/man5 $(DESTDIR)$(MANDIR)/man8 \
+	  $(DESTDIR)$(DOCDIR)/examples/vblade.conf.d
+	install -m 0755 bin/vblade bin/vbladectl $(DESTDIR)$(BINDIR)/
+	for u in ops/systemd/*.service; do \
+	  sed 's|/usr/local/bin/|$(BINDIR)/|g' $$u > $(DESTDIR)$(UNITDIR)/$$(basename $$u) && \
+	  chmod 0644 $(DESTDIR)$(UNITDIR)/$$(basename $$u) || exit 1; \
+	done
+	install -m 0644 ops/man/man8/*.8 $(DESTDIR)$(MANDIR)/man8/
+	install -m 0644 ops/man/man5/*.5 $(DESTDIR)$(MANDIR)/man5/
+	install -m 0644 ops/examples/node.toml ops/examples/serve.toml docs/CONFIG.md $(DESTDIR)$(DOCDIR)/examples/
+	install -m 0644 ops/examples/vblade.conf.d/*.conf $(DESTDIR)$(DOCDIR)/examples/vblade.conf.d/
+
+# Render the man pages to text (a quick look without installing).
+man:
+	@for p in ops/man/man*/*.[58]; do echo "== $$p"; man -l $$p | cat; done

@@ -35,6 +35,18 @@ type ServerStats struct {
 	BroadcastCopies atomic.Uint64
 }
 
+// KernelDrops returns the running total of frames the kernel dropped because
+// the socket's receive queue was full. (The kernel resets its own counter on
+// every read, so the total is kept here, for every caller.)
+func (s *Server) KernelDrops() uint64 {
+	s.dropsMu.Lock()
+	defer s.dropsMu.Unlock()
+	if d, err := s.conn.Drops(); err == nil {
+		s.drops += uint64(d)
+	}
+	return s.drops
+}
+
 // Server runs the frame path of one interface: one raw socket, a reader that
 // hands each request to a pool of workers, and the targets they serve.
 // Reading the socket, doing the I/O and answering overlap, so a slow disk or
@@ -48,6 +60,9 @@ type Server struct {
 	targets atomic.Pointer[map[TargetAddr]*Target] // copy on write
 	mu      sync.Mutex                             // serialises target set changes
 
+	dropsMu sync.Mutex
+	drops   uint64
+
 	maxSectors atomic.Int32 // from the MTU, refreshed by Query Config
 	free       chan *frame
 	work       chan *frame
@@ -60,8 +75,9 @@ type Server struct {
 const frameBufSize = 16384
 
 type frame struct {
-	b []byte // len frameBufSize; b[ATAHeaderLen:] is 4096-aligned for O_DIRECT
-	n int
+	b  []byte // len frameBufSize; b[ATAHeaderLen:] is 4096-aligned for O_DIRECT
+	n  int
+	at time.Time // when it was read, for latency accounting
 }
 
 // NewServer opens the interface's socket. Targets can be added before or
@@ -287,6 +303,7 @@ func (s *Server) readLoop(ctx context.Context) error {
 			continue
 		}
 		f.n = n
+		f.at = time.Now()
 		s.work <- f
 	}
 }
@@ -311,7 +328,7 @@ func (s *Server) serveFrame(ctx context.Context, f *frame) {
 			s.Stats.NoTarget.Add(1)
 			return
 		}
-		s.answer(ctx, t, b, f.n)
+		s.answer(ctx, t, b, f.n, f.at)
 		return
 	}
 	// A broadcast request is answered by every matching target, each in a
@@ -330,7 +347,7 @@ func (s *Server) serveFrame(ctx context.Context, f *frame) {
 		}
 		copy(scratch.b, b[:f.n])
 		s.Stats.BroadcastCopies.Add(1)
-		s.answer(ctx, t, scratch.b, f.n)
+		s.answer(ctx, t, scratch.b, f.n, f.at)
 	}
 	if scratch != nil {
 		select {
@@ -340,7 +357,8 @@ func (s *Server) serveFrame(ctx context.Context, f *frame) {
 	}
 }
 
-func (s *Server) answer(ctx context.Context, t *Target, b []byte, n int) {
+func (s *Server) answer(ctx context.Context, t *Target, b []byte, n int, at time.Time) {
+	kind := kindOf(b[:n])
 	rlen := t.handle(ctx, b, n, s.MAC(), int(s.maxSectors.Load()))
 	if rlen == 0 {
 		return
@@ -351,6 +369,9 @@ func (s *Server) answer(ctx context.Context, t *Target, b []byte, n int) {
 		return
 	}
 	s.Stats.Sent.Add(1)
+	if t.observe != nil {
+		t.observe(kind, time.Since(at))
+	}
 }
 
 // Close closes the socket. Call it after Serve has returned.

@@ -9,6 +9,7 @@ import (
 	"os"
 	"sync"
 	"sync/atomic"
+	"time"
 )
 
 // FirmwareVersion is what Query Config reports. It is vblade 25's value
@@ -42,8 +43,51 @@ type TargetConfig struct {
 	// MAC, if set, is the source address of every response and
 	// announcement instead of the interface's own (the virtual MAC that
 	// moves with cluster leadership).
-	MAC    MAC
-	Logger *slog.Logger
+	MAC MAC
+	// Observe, if set, is called once per answered command with its kind
+	// and the time from the frame's arrival to the answer leaving (the
+	// latency metrics). It must not block.
+	Observe func(kind CommandKind, d time.Duration)
+	Logger  *slog.Logger
+}
+
+// CommandKind classifies a command for latency accounting.
+type CommandKind uint8
+
+// Command kinds.
+const (
+	KindRead CommandKind = iota
+	KindWrite
+	KindFlush
+	KindOther
+)
+
+func (k CommandKind) String() string {
+	switch k {
+	case KindRead:
+		return "read"
+	case KindWrite:
+		return "write"
+	case KindFlush:
+		return "flush"
+	}
+	return "other"
+}
+
+// kindOf classifies a request frame (before it is answered in place).
+func kindOf(b []byte) CommandKind {
+	if len(b) < ATAHeaderLen || Command(b[19]) != CmdATA {
+		return KindOther
+	}
+	switch b[27] {
+	case ATACmdReadSectors, ATACmdReadSectorsExt:
+		return KindRead
+	case ATACmdWriteSectors, ATACmdWriteSectorsExt:
+		return KindWrite
+	case ATACmdFlushCache, ATACmdFlushCacheExt:
+		return KindFlush
+	}
+	return KindOther
 }
 
 // TargetStats counts what a target did. All fields are updated atomically.
@@ -66,6 +110,7 @@ type Target struct {
 	gate        Gate
 	mac         MAC
 	store       StateStore
+	observe     func(CommandKind, time.Duration)
 	log         *slog.Logger
 	identify    [512]byte
 
@@ -106,6 +151,7 @@ func NewTarget(cfg TargetConfig) (*Target, error) {
 		gate:        cfg.Gate,
 		mac:         cfg.MAC,
 		store:       cfg.State,
+		observe:     cfg.Observe,
 		log:         cfg.Logger,
 	}
 	if t.log == nil {

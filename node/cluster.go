@@ -44,6 +44,7 @@ type Node struct {
 	servers map[string]*aoe.Server
 	targets map[aoe.TargetAddr]*aoe.Target
 	vmacs   map[aoe.TargetAddr]aoe.MAC // virtual MACs (mac_mode = "virtual")
+	metrics *Collector
 
 	transfer atomic.Pointer[replication.TransferProgress]
 	changes  atomic.Uint64 // leadership changes seen
@@ -72,6 +73,7 @@ func NewNode(cfg *Config, log *slog.Logger) (*Node, error) {
 		servers: map[string]*aoe.Server{},
 		targets: map[aoe.TargetAddr]*aoe.Target{},
 		vmacs:   map[aoe.TargetAddr]aoe.MAC{},
+		metrics: NewCollector(),
 	}
 	ok := false
 	defer func() {
@@ -191,6 +193,7 @@ func (n *Node) addTarget(e *Export) error {
 		Gate:        n.gate,
 		MAC:         mac,
 		Serial:      fmt.Sprintf("%d.%d:%s", e.Shelf, e.Slot, n.cfg.ClusterName),
+		Observe:     n.metrics.LatencyObserver(e.Netif, e.Addr()),
 		Logger:      n.log,
 	})
 	if err != nil {
@@ -203,10 +206,12 @@ func (n *Node) addTarget(e *Export) error {
 			return err
 		}
 		n.servers[e.Netif] = srv
+		n.metrics.AddServer(srv)
 	}
 	if err := srv.AddTarget(t); err != nil {
 		return err
 	}
+	n.metrics.AddTarget(e.Netif, t)
 	n.targets[e.Addr()] = t
 	return nil
 }

@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"sync"
+	"time"
 
 	"github.com/vblade-ha/vblade-ha/aoe"
 	"github.com/vblade-ha/vblade-ha/storage"
@@ -27,6 +28,8 @@ type Standalone struct {
 	// Disks overrides how a disk is opened (the echo target for benchmarks);
 	// nil opens the export's path.
 	OpenDisk func(e *Export) (aoe.Disk, io.Closer, error)
+	// Metrics, if set, collects the targets' and interfaces' figures.
+	Metrics *Collector
 }
 
 // Run opens every export and serves them until ctx ends. Exports on the same
@@ -76,9 +79,15 @@ func (s *Standalone) Run(ctx context.Context) error {
 			}
 			servers[e.Netif] = srv
 			closers = append(closers, srv)
+			if s.Metrics != nil {
+				s.Metrics.AddServer(srv)
+			}
 		}
 		if err := srv.AddTarget(t); err != nil {
 			return err
+		}
+		if s.Metrics != nil {
+			s.Metrics.AddTarget(e.Netif, t)
 		}
 		if s.Started != nil {
 			s.Started(e, t)
@@ -152,6 +161,10 @@ func (s *Standalone) openTarget(e *Export, states *storage.StateDir, log *slog.L
 	if e.MAC != "" {
 		mac, _ = aoe.ParseMAC(e.MAC)
 	}
+	var observer func(aoe.CommandKind, time.Duration)
+	if s.Metrics != nil {
+		observer = s.Metrics.LatencyObserver(e.Netif, e.Addr())
+	}
 	t, err := aoe.NewTarget(aoe.TargetConfig{
 		Shelf:       uint16(e.Shelf),
 		Slot:        uint8(e.Slot),
@@ -161,6 +174,7 @@ func (s *Standalone) openTarget(e *Export, states *storage.StateDir, log *slog.L
 		State:       store,
 		Initial:     initial,
 		MAC:         mac,
+		Observe:     observer,
 		Logger:      log,
 	})
 	if err != nil {

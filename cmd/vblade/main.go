@@ -40,6 +40,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 			return echoMain(args[1:], stdout, stderr)
 		case "node":
 			return nodeMain(args[1:], stdout, stderr)
+		case "compat":
+			return compatMain(args[1:], stdout, stderr)
 		case "version", "--version":
 			fmt.Fprintln(stdout, "vblade-ha", node.Version)
 			return 0

@@ -62,9 +62,47 @@ func nodeMain(args []string, stdout, stderr io.Writer) int {
 	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
 	go func() {
 		<-sigs
+		node.NotifyStopping()
 		cancel()
 	}()
+	go n.NotifyWhenReady(ctx)
+	metricsErr := make(chan error, 1)
+	if cfg.MetricsAddr != "" {
+		reg, err := node.NewMetricsRegistry(n.MetricsCollector())
+		if err != nil {
+			fmt.Fprintln(stderr, "vblade:", err)
+			return 1
+		}
+		go func() {
+			if err := node.ServeMetrics(ctx, cfg.MetricsAddr, reg); err != nil {
+				metricsErr <- err
+				cancel()
+			}
+		}()
+	}
+	// The admin API (vbladectl on the unix socket, peers on the mux port)
+	// runs beside the node; if it cannot start (socket in use), the node
+	// stops rather than run unmanageable.
+	adminErr := make(chan error, 1)
+	go func() {
+		err := n.ServeAdmin(ctx)
+		if err != nil {
+			cancel()
+		}
+		adminErr <- err
+	}()
 	runErr := n.Run(ctx)
+	cancel()
+	if err := <-adminErr; err != nil && runErr == nil {
+		runErr = err
+	}
+	select {
+	case err := <-metricsErr:
+		if runErr == nil {
+			runErr = err
+		}
+	default:
+	}
 	// A planned stop hands leadership over before Raft stops, so the
 	// initiator sees no election timeout.
 	shutErr := n.Shutdown(true)

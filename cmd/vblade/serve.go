@@ -1,6 +1,8 @@
 package main
 
 import (
+	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -46,7 +48,28 @@ func serveMain(args []string, stdout, stderr io.Writer) int {
 		return 1
 	}
 	s := &node.Standalone{StateDir: cfg.StateDir, Exports: cfg.Exports, Logger: log, Started: printStarted(stdout)}
-	return runUntilSignal(s.Run, stderr)
+	run := s.Run
+	if cfg.MetricsAddr != "" {
+		s.Metrics = node.NewCollector()
+		reg, err := node.NewMetricsRegistry(s.Metrics)
+		if err != nil {
+			fmt.Fprintln(stderr, "vblade:", err)
+			return 1
+		}
+		run = func(ctx context.Context) error {
+			ctx, cancel := context.WithCancel(ctx)
+			defer cancel()
+			errc := make(chan error, 1)
+			go func() { errc <- node.ServeMetrics(ctx, cfg.MetricsAddr, reg) }()
+			err := s.Run(ctx)
+			cancel()
+			if merr := <-errc; err == nil && merr != nil && !errors.Is(merr, context.Canceled) {
+				err = merr
+			}
+			return err
+		}
+	}
+	return runUntilSignal(run, stderr)
 }
 
 func configLogger(cfg *node.Config, w io.Writer) (*slog.Logger, error) {

@@ -47,6 +47,7 @@ func newApp() *cli.App {
 		Commands: []*cli.Command{
 			discoverCommand(),
 			benchCommand(),
+			clusterCommand(),
 		},
 		// Run returns errors to run, which owns the exit code.
 		ExitErrHandler: func(*cli.Context, error) {},
