@@ -1,0 +1,514 @@
+package replication
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"maps"
+	"slices"
+	"sync"
+	"sync/atomic"
+
+	"github.com/hashicorp/raft"
+	"github.com/vblade-ha/vblade-ha/aoe"
+)
+
+// StateSink hears every change of a target's protocol state that the FSM
+// applies (from the log or from a snapshot), so the node can publish it to its
+// aoe.Target. It is called from Raft's apply goroutine: it must return quickly
+// and must never wait on Raft (that would deadlock the apply loop).
+type StateSink interface {
+	SetState(shelf uint16, slot uint8, s aoe.TargetState)
+}
+
+// TargetSink is optionally implemented by a StateSink that also wants to
+// hear targets entering and leaving the replicated set (for example to close
+// a gate when a target is removed). Same calling rules as StateSink.
+type TargetSink interface {
+	AddTarget(shelf uint16, slot uint8, size int64)
+	RemoveTarget(shelf uint16, slot uint8)
+}
+
+// ErrUnknownTarget is wrapped by the rejection of an entry for a target that is
+// not in the replicated set.
+var ErrUnknownTarget = errors.New("unknown target")
+
+// ErrCompactionHeld is returned by FSM.Snapshot while a full image is being
+// streamed to a follower: a new snapshot would let Raft compact entries the
+// follower still needs to replay on top of the image it is receiving. Raft
+// logs it and retries at the next snapshot interval.
+var ErrCompactionHeld = errors.New("snapshot postponed: a full image is being streamed to a follower and the log after its index must be kept until the transfer ends")
+
+// RejectedError is the response to an entry that every node refuses in the
+// same way (its outcome depends only on the replicated state, not on this
+// node's disks), for example a write to a target that was never added. Nothing
+// was applied anywhere, so nothing is lost; the leader reports it to the caller.
+type RejectedError struct {
+	Index  uint64
+	Op     Op
+	Target TargetID
+	Err    error
+}
+
+func (e *RejectedError) Error() string {
+	return fmt.Sprintf("replication: log entry %d (%v %v) rejected: %v", e.Index, e.Op, e.Target, e.Err)
+}
+
+func (e *RejectedError) Unwrap() error { return e.Err }
+
+// FatalError means this node cannot apply the log any further: a local disk
+// failed (ENOSPC, EIO), a local image does not match the replicated target, or
+// an entry is unreadable. The FSM stops applying at Index (it never applies a
+// later entry over the hole) and refuses snapshots, so the log from its last
+// snapshot on is kept. The node must stop serving and shut Raft down; after the
+// operator fixes the cause, a restart replays the log from the last snapshot
+// over the image and the node catches up.
+type FatalError struct {
+	Index  uint64
+	Target TargetID // zero when the failure is not about one target
+	Op     string
+	Err    error
+}
+
+func (e *FatalError) Error() string {
+	return fmt.Sprintf("replication: node stopped applying the log at entry %d: %s %v: %v "+
+		"(fix the cause, then restart the node: it replays the log from its last snapshot over the local image)",
+		e.Index, e.Op, e.Target, e.Err)
+}
+
+func (e *FatalError) Unwrap() error { return e.Err }
+
+// FSMOptions configures NewFSM.
+type FSMOptions struct {
+	// Disks are this node's local images, one per exported target. The FSM
+	// never creates, resizes or closes them. A target that the cluster adds
+	// must be here with the same size, or the node stops with a FatalError.
+	Disks map[TargetID]aoe.Disk
+	// Sink is told about state changes; nil ignores them.
+	Sink StateSink
+	// OnFatal is called once, in its own goroutine (so it may call
+	// raft.Shutdown), when the FSM records a FatalError.
+	OnFatal func(error)
+}
+
+// TargetInfo is one target of the replicated set.
+type TargetInfo struct {
+	ID    TargetID
+	Size  int64
+	State aoe.TargetState
+}
+
+// FSM applies the replicated log to the local images. It implements
+// raft.BatchingFSM. Writes go to the images without fsync: the Raft log is the
+// durability point, and the images are synced only before a snapshot is
+// recorded (see DESIGN.md).
+type FSM struct {
+	disks   map[TargetID]aoe.Disk // fixed at construction
+	sink    StateSink
+	onFatal func(error)
+
+	// applyMu is held by ApplyBatch for a whole batch and by an image install
+	// from its first image byte to its end, so that no apply of an older entry
+	// can land on top of a freshly installed block (see imageSink).
+	applyMu sync.Mutex
+
+	mu      sync.RWMutex
+	targets map[TargetID]*TargetInfo
+	applied uint64        // last log index whose effect is in the images
+	fatal   *FatalError   // first fatal failure; sticky
+	changed chan struct{} // closed and replaced whenever applied moves
+
+	// streams counts full-image streams open on this node; while it is
+	// non-zero Snapshot refuses so the log is not compacted under them.
+	streams atomic.Int32
+}
+
+var (
+	_ raft.BatchingFSM = (*FSM)(nil)
+	_ raft.FSM         = (*FSM)(nil)
+)
+
+// NewFSM returns an FSM over opts.Disks with an empty replicated set; Raft
+// fills it by replaying the log or restoring a snapshot.
+func NewFSM(opts FSMOptions) *FSM {
+	return &FSM{
+		disks:   maps.Clone(opts.Disks),
+		sink:    opts.Sink,
+		onFatal: opts.OnFatal,
+		targets: make(map[TargetID]*TargetInfo),
+		changed: make(chan struct{}),
+	}
+}
+
+// Apply implements raft.FSM.
+func (f *FSM) Apply(l *raft.Log) any {
+	return f.ApplyBatch([]*raft.Log{l})[0]
+}
+
+// ApplyBatch implements raft.BatchingFSM. Each response is nil (applied), a
+// *RejectedError (refused identically on every node) or the node's
+// *FatalError (nothing from that entry on was applied here).
+func (f *FSM) ApplyBatch(logs []*raft.Log) []any {
+	resps := make([]any, len(logs))
+	f.applyMu.Lock()
+	defer f.applyMu.Unlock()
+	for i, l := range logs {
+		if resp := f.applyOne(l); resp != nil {
+			resps[i] = resp
+		}
+	}
+	f.notify()
+	return resps
+}
+
+// notify wakes WaitApplied callers; once per batch, not per entry.
+func (f *FSM) notify() {
+	f.mu.Lock()
+	close(f.changed)
+	f.changed = make(chan struct{})
+	f.mu.Unlock()
+}
+
+// applyOne applies one log and advances the applied index. It returns an
+// error value (never a typed nil) or nil.
+func (f *FSM) applyOne(l *raft.Log) error {
+	f.mu.RLock()
+	applied, fatal := f.applied, f.fatal
+	f.mu.RUnlock()
+	if fatal != nil {
+		return fatal
+	}
+	if l.Index <= applied {
+		// Already covered: an installed image (at least as new as its
+		// snapshot index) replaced the effect of this entry; applying it
+		// now would roll blocks back.
+		return nil
+	}
+	var err error
+	if l.Type == raft.LogCommand {
+		err = f.applyCommand(l)
+	}
+	if err != nil {
+		var fe *FatalError
+		if errors.As(err, &fe) {
+			f.setFatal(fe)
+			return fe
+		}
+	}
+	f.mu.Lock()
+	f.applied = l.Index
+	f.mu.Unlock()
+	return err
+}
+
+func (f *FSM) applyCommand(l *raft.Log) error {
+	e, err := DecodeEntry(l.Data)
+	if err != nil {
+		var ee *EntryError
+		if errors.As(err, &ee) {
+			ee.Index = l.Index
+		}
+		// A bad entry is local corruption as far as this node can tell; the
+		// only safe move is to stop before the hole.
+		return &FatalError{Index: l.Index, Op: "decode", Err: err}
+	}
+	reject := func(format string, args ...any) error {
+		return &RejectedError{Index: l.Index, Op: e.Op, Target: e.Target, Err: fmt.Errorf(format, args...)}
+	}
+	fatal := func(op string, err error) error {
+		return &FatalError{Index: l.Index, Target: e.Target, Op: op, Err: err}
+	}
+
+	f.mu.RLock()
+	t := f.targets[e.Target]
+	f.mu.RUnlock()
+
+	switch e.Op {
+	case OpNoop:
+		return nil
+
+	case OpWrite:
+		if t == nil {
+			return reject("%w", ErrUnknownTarget)
+		}
+		if e.Offset+int64(len(e.Data)) > t.Size {
+			return reject("write of %d bytes at %d is beyond the %d-byte image", len(e.Data), e.Offset, t.Size)
+		}
+		// Background context: an apply is never abandoned halfway, the
+		// image must end up with the entry or the node stops.
+		if err := f.disks[e.Target].WriteAt(context.Background(), e.Data, e.Offset); err != nil {
+			return fatal("write", fmt.Errorf("local image write of %d bytes at %d: %w", len(e.Data), e.Offset, err))
+		}
+		return nil
+
+	case OpSetState:
+		if t == nil {
+			return reject("%w", ErrUnknownTarget)
+		}
+		nt := &TargetInfo{ID: t.ID, Size: t.Size, State: e.State}
+		f.mu.Lock()
+		f.targets[e.Target] = nt
+		f.mu.Unlock()
+		if f.sink != nil {
+			f.sink.SetState(e.Target.Shelf, e.Target.Slot, e.State.Clone())
+		}
+		return nil
+
+	case OpAddTarget:
+		if t != nil {
+			if t.Size == e.Size {
+				return nil // idempotent: adding again changes nothing
+			}
+			return reject("target already exported with %d bytes, not %d", t.Size, e.Size)
+		}
+		if err := f.checkLocal(e.Target, e.Size); err != nil {
+			return fatal("add-target", err)
+		}
+		f.mu.Lock()
+		f.targets[e.Target] = &TargetInfo{ID: e.Target, Size: e.Size}
+		f.mu.Unlock()
+		if ts, ok := f.sink.(TargetSink); ok {
+			ts.AddTarget(e.Target.Shelf, e.Target.Slot, e.Size)
+		}
+		return nil
+
+	case OpRemoveTarget:
+		if t == nil {
+			return reject("%w", ErrUnknownTarget)
+		}
+		if t.Size != e.Size {
+			return reject("target has %d bytes, removal names %d", t.Size, e.Size)
+		}
+		f.mu.Lock()
+		delete(f.targets, e.Target)
+		f.mu.Unlock()
+		if ts, ok := f.sink.(TargetSink); ok {
+			ts.RemoveTarget(e.Target.Shelf, e.Target.Slot)
+		}
+		return nil
+	}
+	return reject("unknown op") // unreachable: DecodeEntry validated Op
+}
+
+// checkLocal reports whether this node holds an image for id of the given size.
+func (f *FSM) checkLocal(id TargetID, size int64) error {
+	d := f.disks[id]
+	if d == nil {
+		return fmt.Errorf("the cluster exports %v (%d bytes) but this node has no local image for it: add an export for %v with a %d-byte image to this node's config", id, size, id, size)
+	}
+	if got := d.Size(); got != size {
+		return fmt.Errorf("the cluster exports %v with %d bytes but the local image has %d: give this node an image of exactly %d bytes", id, size, got, size)
+	}
+	return nil
+}
+
+func (f *FSM) setFatal(fe *FatalError) {
+	f.mu.Lock()
+	first := f.fatal == nil
+	if first {
+		f.fatal = fe
+	}
+	f.mu.Unlock()
+	if first && f.onFatal != nil {
+		go f.onFatal(fe)
+	}
+}
+
+// Err returns the FatalError that stopped this FSM, or nil.
+func (f *FSM) Err() error {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	if f.fatal == nil {
+		return nil
+	}
+	return f.fatal
+}
+
+// AppliedIndex is the last log index whose effect is in the local images.
+func (f *FSM) AppliedIndex() uint64 {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	return f.applied
+}
+
+// WaitApplied blocks until the applied index reaches index, the FSM stops
+// with a fatal error, or ctx ends.
+func (f *FSM) WaitApplied(ctx context.Context, index uint64) error {
+	for {
+		f.mu.RLock()
+		applied, fatal, ch := f.applied, f.fatal, f.changed
+		f.mu.RUnlock()
+		if applied >= index {
+			return nil
+		}
+		if fatal != nil {
+			return fatal
+		}
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return fmt.Errorf("wait for log index %d (applied %d): %w", index, applied, ctx.Err())
+		}
+	}
+}
+
+// Target returns the replicated state of one target.
+func (f *FSM) Target(id TargetID) (TargetInfo, bool) {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	t := f.targets[id]
+	if t == nil {
+		return TargetInfo{}, false
+	}
+	return TargetInfo{ID: t.ID, Size: t.Size, State: t.State.Clone()}, true
+}
+
+// Targets returns the replicated set, ordered by shelf then slot.
+func (f *FSM) Targets() []TargetInfo {
+	f.mu.RLock()
+	out := make([]TargetInfo, 0, len(f.targets))
+	for _, t := range f.targets {
+		out = append(out, TargetInfo{ID: t.ID, Size: t.Size, State: t.State.Clone()})
+	}
+	f.mu.RUnlock()
+	slices.SortFunc(out, func(a, b TargetInfo) int {
+		switch {
+		case a.ID.less(b.ID):
+			return -1
+		case b.ID.less(a.ID):
+			return 1
+		}
+		return 0
+	})
+	return out
+}
+
+// Disk returns this node's local image for id (nil if it has none). Reads
+// served by the leader come from it.
+func (f *FSM) Disk(id TargetID) aoe.Disk { return f.disks[id] }
+
+// Snapshot implements raft.FSM. It copies no image data: it records the
+// applied index and the target set, and Persist syncs the images before the
+// record is written (a fuzzy snapshot, see DESIGN.md). It is called on Raft's
+// apply goroutine, so the recorded index matches the images' content so far.
+func (f *FSM) Snapshot() (raft.FSMSnapshot, error) {
+	if err := f.Err(); err != nil {
+		return nil, err // never record an index past a hole
+	}
+	if f.streams.Load() > 0 {
+		return nil, ErrCompactionHeld
+	}
+	f.mu.RLock()
+	meta := snapshotMeta{Index: f.applied}
+	for _, t := range f.targets {
+		meta.Targets = append(meta.Targets, TargetInfo{ID: t.ID, Size: t.Size, State: t.State.Clone()})
+	}
+	f.mu.RUnlock()
+	meta.sort()
+	return &fsmSnapshot{fsm: f, meta: meta}, nil
+}
+
+// Restore implements raft.FSM. It reads only the snapshot's metadata: at
+// start-up the local images are already at least as new as the snapshot, and
+// after an install the image was written by the snapshot sink as it arrived.
+// Either way no image byte is copied here. It leaves the rest of rc unread
+// (Raft closes it).
+func (f *FSM) Restore(rc io.ReadCloser) error {
+	meta, _, err := readMeta(rc)
+	if err != nil {
+		return fmt.Errorf("replication: restore snapshot: %w", err)
+	}
+	for _, t := range meta.Targets {
+		if err := f.checkLocal(t.ID, t.Size); err != nil {
+			fe := &FatalError{Index: meta.Index, Target: t.ID, Op: "restore", Err: err}
+			f.setFatal(fe)
+			return fe
+		}
+	}
+
+	f.applyMu.Lock()
+	defer f.applyMu.Unlock()
+	f.mu.Lock()
+	old := f.targets
+	f.targets = make(map[TargetID]*TargetInfo, len(meta.Targets))
+	for _, t := range meta.Targets {
+		f.targets[t.ID] = &TargetInfo{ID: t.ID, Size: t.Size, State: t.State}
+	}
+	f.applied = meta.Index
+	close(f.changed)
+	f.changed = make(chan struct{})
+	f.mu.Unlock()
+
+	ts, _ := f.sink.(TargetSink)
+	for id := range old {
+		if _, ok := f.targets[id]; !ok && ts != nil {
+			ts.RemoveTarget(id.Shelf, id.Slot)
+		}
+	}
+	for _, t := range meta.Targets {
+		if _, ok := old[t.ID]; !ok && ts != nil {
+			ts.AddTarget(t.ID.Shelf, t.ID.Slot, t.Size)
+		}
+		if f.sink != nil {
+			f.sink.SetState(t.ID.Shelf, t.ID.Slot, t.State.Clone())
+		}
+	}
+	return nil
+}
+
+// beginInstall is called by the snapshot sink before it writes the first
+// image byte of an incoming full image. It waits for the batch being applied
+// and then blocks further applies until endInstall, because an entry older
+// than the snapshot applied after a block was installed would roll that block
+// back with nothing later in the log to repair it.
+func (f *FSM) beginInstall() { f.applyMu.Lock() }
+
+// endInstall ends an install. On success the images hold the state at index
+// or later, so entries up to index still queued for apply are skipped; on
+// failure nothing is skipped: the partly written image is newer than the
+// applied index block by block, and replaying the log from the applied index
+// over it converges to the exact state (the same fuzzy argument).
+func (f *FSM) endInstall(index uint64, ok bool) {
+	if ok {
+		f.mu.Lock()
+		f.applied = index
+		close(f.changed)
+		f.changed = make(chan struct{})
+		f.mu.Unlock()
+	}
+	f.applyMu.Unlock()
+}
+
+// fsmSnapshot is the small record a snapshot persists.
+type fsmSnapshot struct {
+	fsm  *FSM
+	meta snapshotMeta
+}
+
+// Persist syncs every image and then writes the metadata. The order is the
+// point: once the metadata (and the log compaction that follows it) is
+// durable, the images on disk must already hold everything up to its index.
+func (s *fsmSnapshot) Persist(sink raft.SnapshotSink) error {
+	for _, t := range s.meta.Targets {
+		d := s.fsm.disks[t.ID]
+		if d == nil {
+			sink.Cancel()
+			return fmt.Errorf("replication: persist snapshot %d: no local image for %v", s.meta.Index, t.ID)
+		}
+		if err := d.Flush(context.Background()); err != nil {
+			sink.Cancel()
+			return fmt.Errorf("replication: persist snapshot %d: sync image of %v: %w", s.meta.Index, t.ID, err)
+		}
+	}
+	if _, err := sink.Write(s.meta.encode(false)); err != nil {
+		sink.Cancel()
+		return fmt.Errorf("replication: persist snapshot %d: write metadata: %w", s.meta.Index, err)
+	}
+	if err := sink.Close(); err != nil {
+		return fmt.Errorf("replication: persist snapshot %d: %w", s.meta.Index, err)
+	}
+	return nil
+}
+
+func (s *fsmSnapshot) Release() {}
