@@ -171,12 +171,27 @@ func (c *AdminClient) Init(ctx context.Context) error {
 // Join asks the member at addr to add the node. It returns once the node
 // is a member (a nonvoter); the image and log then stream to it, and it
 // promotes itself to voter once caught up (see WaitCaughtUp).
+//
+// While the cluster has no leader (an election is under way) the member
+// answers 503; Join retries then, until ctx ends, because an operator or a
+// script joining during a failover wants the join, not the race.
 func (c *AdminClient) Join(ctx context.Context, addr string) (*JoinResult, error) {
-	var r JoinResult
-	if err := c.do(ctx, http.MethodPost, "/v1/cluster/join", JoinRequest{Address: addr}, &r); err != nil {
-		return nil, err
+	for wait := 200 * time.Millisecond; ; wait = min(2*wait, 2*time.Second) {
+		var r JoinResult
+		err := c.do(ctx, http.MethodPost, "/v1/cluster/join", JoinRequest{Address: addr}, &r)
+		var ae *APIError
+		if err == nil {
+			return &r, nil
+		}
+		if !errors.As(err, &ae) || ae.Status != http.StatusServiceUnavailable {
+			return nil, err
+		}
+		select {
+		case <-ctx.Done():
+			return nil, err
+		case <-time.After(wait):
+		}
 	}
-	return &r, nil
 }
 
 // Leave asks the leader to remove the node from the cluster.

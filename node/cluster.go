@@ -42,7 +42,12 @@ type Node struct {
 	gate    *leaderGate
 	notify  chan bool
 	servers map[string]*aoe.Server
-	targets map[aoe.TargetAddr]*aoe.Target
+	// targetsMu orders target registration against state changes from the
+	// FSM: Raft may restore a snapshot or apply entries before the targets
+	// exist (NewRaft restores at once), so a target starts from the FSM's
+	// state and every later change reaches it.
+	targetsMu sync.Mutex
+	targets   map[aoe.TargetAddr]*aoe.Target
 	vmacs   map[aoe.TargetAddr]aoe.MAC // virtual MACs (mac_mode = "virtual")
 	metrics *Collector
 
@@ -128,7 +133,11 @@ func NewNode(cfg *Config, log *slog.Logger) (*Node, error) {
 	rc.Logger = hlog
 	rc.HeartbeatTimeout = cfg.HeartbeatTimeout.Duration
 	rc.ElectionTimeout = cfg.ElectionTimeout.Duration
-	rc.LeaderLeaseTimeout = cfg.LeaderLease.Duration
+	// Raft's own lease only decides when an unreachable leader steps down
+	// (and starts an election); the gate's lease (leader_lease, shorter)
+	// is what keeps a deposed leader from answering. Keeping Raft's at the
+	// heartbeat timeout spares a loaded leader needless elections.
+	rc.LeaderLeaseTimeout = cfg.HeartbeatTimeout.Duration
 	rc.NotifyCh = n.notify
 	if cfg.SnapshotInterval.Duration > 0 {
 		rc.SnapshotInterval = cfg.SnapshotInterval.Duration
@@ -212,6 +221,13 @@ func (n *Node) addTarget(e *Export) error {
 		return err
 	}
 	n.metrics.AddTarget(e.Netif, t)
+	n.targetsMu.Lock()
+	defer n.targetsMu.Unlock()
+	if info, ok := n.fsm.Target(id); ok {
+		if err := t.SetState(info.State); err != nil {
+			return fmt.Errorf("export %s: replicated state: %w", e.Addr(), err)
+		}
+	}
 	n.targets[e.Addr()] = t
 	return nil
 }
@@ -219,6 +235,8 @@ func (n *Node) addTarget(e *Export) error {
 // SetState implements replication.StateSink: a state change from the log
 // reaches this node's target.
 func (n *Node) SetState(shelf uint16, slot uint8, s aoe.TargetState) {
+	n.targetsMu.Lock()
+	defer n.targetsMu.Unlock()
 	if t := n.targets[aoe.TargetAddr{Shelf: shelf, Slot: slot}]; t != nil {
 		if err := t.SetState(s); err != nil {
 			n.log.Error("replicated target state rejected", "target", t.Addr().String(), "err", err)
@@ -226,12 +244,23 @@ func (n *Node) SetState(shelf uint16, slot uint8, s aoe.TargetState) {
 	}
 }
 
+// onFatal runs when this node cannot apply the log any further (a full or
+// failing disk, a wrong-size image). Its image now has a hole, so it must
+// neither serve nor lead nor vote: Raft stops here (after handing leadership
+// over if it had it); the rest of the cluster carries on, and a restart after
+// the operator fixed the cause replays the log over the image.
 func (n *Node) onFatal(err error) {
 	n.fatal.Store(&err)
 	n.gate.setOpen(false)
-	n.log.Error("node stopped applying the replicated log; it no longer serves and leaves leadership", "err", err)
-	if n.raft != nil && n.raft.State() == raft.Leader {
-		n.raft.LeadershipTransfer()
+	n.log.Error("node stopped applying the replicated log: it no longer serves and leaves the cluster's quorum until restarted", "err", err)
+	if n.raft == nil {
+		return
+	}
+	if n.raft.State() == raft.Leader {
+		n.raft.LeadershipTransfer().Error()
+	}
+	if serr := n.raft.Shutdown().Error(); serr != nil {
+		n.log.Error("raft shutdown after the fatal error failed", "err", serr)
 	}
 }
 
