@@ -48,8 +48,8 @@ type Node struct {
 	// state and every later change reaches it.
 	targetsMu sync.Mutex
 	targets   map[aoe.TargetAddr]*aoe.Target
-	vmacs   map[aoe.TargetAddr]aoe.MAC // virtual MACs (mac_mode = "virtual")
-	metrics *Collector
+	vmacs     map[aoe.TargetAddr]aoe.MAC // virtual MACs (mac_mode = "virtual")
+	metrics   *Collector
 
 	transfer atomic.Pointer[replication.TransferProgress]
 	changes  atomic.Uint64 // leadership changes seen

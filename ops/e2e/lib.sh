@@ -195,3 +195,85 @@ cleanup_run() {
     done
     net_down
 }
+
+# ---------------------------------------------------------------- cluster (vblade node + vbladectl)
+# Node I runs `vblade node -c $RUN/node{I}.toml` in namespace t{I}; its admin socket is $RUN/n{I}.sock and its
+# raft_addr $(target_ip I):7000 (the namespace's own address on the run's bridge). E2E_CTL is vbladectl.
+node_sock() { echo "$RUN/n$1.sock"; }
+node_raft() { echo "$(target_ip "$1"):7000"; }
+# write_node_config I IMAGE [MAC_MODE] : $RUN/node{I}.toml for node nI exporting e1.0 from IMAGE
+write_node_config() {
+    local i=$1 img=$2 mode=${3:-${E2E_MAC_MODE:-virtual}}
+    mkdir -p "$RUN/state.$i"
+    cat >"$RUN/node$i.toml" <<EOT
+node_id = "n$i"
+data_dir = "$RUN/state.$i/data"
+raft_addr = "$(node_raft "$i")"
+admin_socket = "$(node_sock "$i")"
+mac_mode = "$mode"
+cluster_name = "e2e-$$"
+log_level = "info"
+
+[[export]]
+shelf = 1
+slot = 0
+netif = "aoe0"
+path = "$img"
+bufcnt = 16
+EOT
+}
+# ctl I ARGS... : vbladectl cluster ARGS against node I, run in node I's namespace (bounded to 30 s)
+ctl() {
+    local i=$1 sub=$2; shift 2
+    timeout 30 ip netns exec "$(target_ns "$i")" "$E2E_CTL" cluster "$sub" --socket "$(node_sock "$i")" "$@"
+}
+# json_get KEY : top-level string/number KEY of the JSON document on stdin
+json_get() {
+    if command -v jq >/dev/null; then jq -r ".$1 // empty"
+    else python3 -c 'import json,sys; v=json.load(sys.stdin).get(sys.argv[1]); print("" if v is None else v)' "$1"; fi
+}
+# node_status I : this node's own status (admin API GET /v1/status) as JSON, via curl-less HTTP over the socket
+node_status() {
+    python3 - "$(node_sock "$1")" <<'PY' 2>/dev/null
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX); s.settimeout(2); s.connect(sys.argv[1])
+s.sendall(b"GET /v1/status HTTP/1.0\r\nHost: vblade\r\n\r\n")
+d = b""
+while True:
+    b = s.recv(65536)
+    if not b: break
+    d += b
+print(d.split(b"\r\n\r\n", 1)[1].decode())
+PY
+}
+# cluster_leader : id number (1..N) of the node that leads with its gate open, empty if none
+cluster_leader() {
+    local i st
+    for i in $(seq 1 "$NTARGETS"); do
+        target_alive "$i" || continue
+        st=$(node_status "$i") || continue
+        if [ "$(echo "$st" | json_get state)" = leader ] && [ "$(echo "$st" | json_get gate_open)" = true ]; then echo "$i"; return 0; fi
+    done
+    return 1
+}
+# wait_leader TIMEOUT_S [NOT_I] : echo the leader's number once there is one (other than NOT_I)
+wait_leader() {
+    local to=$1 not=${2:-0} start l; start=$(now_us)
+    while :; do
+        l=$(cluster_leader) && [ "$l" != "$not" ] && { echo "$l"; return 0; }
+        [ $(( $(now_us) - start )) -gt $(( to * 1000000 )) ] && return 1
+        sleep 0.1
+    done
+}
+# wait_caught_up I TIMEOUT_S : node I applied at least the leader's commit index as of now
+wait_caught_up() {
+    local i=$1 to=$2 start l want got; start=$(now_us)
+    l=$(wait_leader 15) || return 1
+    want=$(node_status "$l" | json_get commit_index)
+    while :; do
+        got=$(node_status "$i" | json_get applied_index)
+        [ -n "$got" ] && [ -n "$want" ] && [ "$got" -ge "$want" ] && return 0
+        [ $(( $(now_us) - start )) -gt $(( to * 1000000 )) ] && { log "node $i: applied ${got:-?} < leader commit $want after ${to}s"; return 1; }
+        sleep 0.2
+    done
+}

@@ -1,11 +1,14 @@
 #!/bin/bash
 # vblade-ha end-to-end test against the real Linux aoe driver (Debian kernel in a QEMU/TCG guest).
 #
-#   ops/e2e/run.sh SCENARIO [--target ours|debian] [--target-cmd TEMPLATE] [--mtu N] [--keep] [KEY=VALUE...]
+#   ops/e2e/run.sh SCENARIO [--target ours|debian] [--target-cmd TEMPLATE] [--mtu N] [--mac-mode virtual|node] [KEY=VALUE...]
 #
-# SCENARIO is scenarios/SCENARIO.sh (host side) + scenarios/SCENARIO.guest.sh (guest side); "basic" today.
-# --target ours    (default) builds ./cmd/vblade with `go build` into the run directory and runs
-#                  '{bin} {shelf} {slot} {if} {file}'; set E2E_BIN to use a prebuilt binary instead.
+# SCENARIO is scenarios/SCENARIO.sh (host side) + scenarios/SCENARIO.guest.sh (guest side): basic,
+# cluster-failover.
+# --target ours    (default) builds ./cmd/vblade and ./cmd/vbladectl with `go build` into the run directory
+#                  and runs '{bin} {shelf} {slot} {if} {file}' (cluster scenarios set their own template);
+#                  set E2E_BIN (and E2E_CTL for vbladectl) to use prebuilt binaries instead.
+# --mac-mode M     mac_mode of the cluster nodes (cluster scenarios; default virtual): E2E_MAC_MODE.
 # --target debian  runs Debian's /usr/sbin/vblade (the reference; installed by prepare.sh).
 # --target-cmd T   any target command line with placeholders (see lib.sh: expand_target_cmd).
 # KEY=VALUE        exported before the scenario runs (e.g. AOEG_AOE_PARAMS=aoe_deadsecs=10, E2E_MTU=9000).
@@ -29,6 +32,8 @@ while [ $# -gt 0 ]; do
         --target-cmd) TARGET=custom TARGET_CMD=$2; shift 2;;
         --target-cmd=*) TARGET=custom TARGET_CMD=${1#*=}; shift;;
         --mtu) export E2E_MTU=$2; shift 2;;
+        --mac-mode) export E2E_MAC_MODE=$2; shift 2;;
+        --mac-mode=*) export E2E_MAC_MODE=${1#*=}; shift;;
         *=*) export "${1?}"; shift;;
         *) die "unknown argument: $1";;
     esac
@@ -39,7 +44,7 @@ SFILE=$HERE/scenarios/$SCEN.sh
 "$HERE/prepare.sh" || die "prepare.sh failed"
 
 OUT=${E2E_OUT:-/tmp/vblade-ha-e2e}
-RUN=$OUT/$SCEN-$TARGET-$(date +%Y%m%d-%H%M%S)-$$
+RUN=$OUT/$SCEN-$TARGET${E2E_MAC_MODE:+-$E2E_MAC_MODE}-$(date +%Y%m%d-%H%M%S)-$$
 mkdir -p "$RUN"; export RUN
 ln -sfn "$RUN" "$OUT/latest-$SCEN"
 
@@ -47,10 +52,12 @@ case "$TARGET" in
     ours)
         if [ -z "$E2E_BIN" ]; then
             command -v go >/dev/null || die "go not found: cannot build ./cmd/vblade (or set E2E_BIN)"
-            log "building ./cmd/vblade"
-            (cd "$E2E_REPO" && go build -o "$RUN/vblade" ./cmd/vblade) || die "go build ./cmd/vblade failed"
+            log "building ./cmd/vblade ./cmd/vbladectl"
+            (cd "$E2E_REPO" && go build -o "$RUN/" ./cmd/vblade ./cmd/vbladectl) || die "go build ./cmd/vblade ./cmd/vbladectl failed"
             E2E_BIN=$RUN/vblade
+            E2E_CTL=${E2E_CTL:-$RUN/vbladectl}
         fi
+        if [ -z "$E2E_CTL" ] && [ -x "$(dirname "$E2E_BIN")/vbladectl" ]; then E2E_CTL=$(dirname "$E2E_BIN")/vbladectl; fi
         TARGET_CMD='{bin} {shelf} {slot} {if} {file}';;
     debian)
         E2E_BIN=/usr/sbin/vblade
@@ -59,7 +66,7 @@ case "$TARGET" in
     custom) ;;
     *) die "--target must be ours or debian (or use --target-cmd)";;
 esac
-export E2E_BIN TARGET_CMD
+export E2E_BIN E2E_CTL TARGET_CMD
 
 # defaults a scenario may override
 NTARGETS=1
