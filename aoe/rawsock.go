@@ -34,6 +34,9 @@ type Conn struct {
 	rfunc func(fd uintptr) bool
 
 	writers sync.Pool // *frameWriter, for the rare EAGAIN path
+
+	rbatch   mmsgBatch // the single reader's recvmmsg block
+	wbatches sync.Pool // *mmsgBatch for sendmmsg
 }
 
 // ListenConfig sets up a Conn.
@@ -102,6 +105,7 @@ func Listen(ifname string, cfg ListenConfig) (*Conn, error) {
 		c.rn, c.rerr = unix.Read(int(fd), c.rbuf)
 		return c.rerr != unix.EAGAIN
 	}
+	c.initBatch()
 	c.writers.New = func() any {
 		w := &frameWriter{}
 		w.fn = func(fd uintptr) bool {

@@ -66,6 +66,7 @@ type Server struct {
 	maxSectors atomic.Int32 // from the MTU, refreshed by Query Config
 	free       chan *frame
 	work       chan *frame
+	sendq      sendQueue
 
 	Stats ServerStats
 }
@@ -78,6 +79,20 @@ type frame struct {
 	b  []byte // len frameBufSize; b[ATAHeaderLen:] is 4096-aligned for O_DIRECT
 	n  int
 	at time.Time // when it was read, for latency accounting
+
+	// Set by answer for the sender.
+	rlen int
+	t    *Target
+	kind CommandKind
+}
+
+// sendQueue collects answers for batched sending (see Server.send).
+type sendQueue struct {
+	mu      sync.Mutex
+	busy    bool
+	pending []*frame
+	spare   []*frame
+	bufs    [][]byte // sendBatch's argument, reused; only the busy sender touches it
 }
 
 // NewServer opens the interface's socket. Targets can be added before or
@@ -117,7 +132,7 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 	empty := map[TargetAddr]*Target{}
 	s.targets.Store(&empty)
 	s.maxSectors.Store(int32(SectorsPerFrame(ifi.MTU)))
-	nbuf := cfg.Workers + 2*cfg.BufferCount
+	nbuf := cfg.Workers + 2*cfg.BufferCount + MaxBatch
 	s.free = make(chan *frame, nbuf)
 	s.work = make(chan *frame, nbuf)
 	for _, f := range newFrames(nbuf) {
@@ -281,40 +296,82 @@ func (s *Server) Serve(ctx context.Context) error {
 }
 
 func (s *Server) readLoop(ctx context.Context) error {
-	for {
-		var f *frame
-		select {
-		case f = <-s.free:
-		case <-ctx.Done():
-			return ctx.Err()
+	// The reader keeps a stash of free frames so that a batched read has
+	// somewhere to put everything the kernel has queued, and tops it up
+	// with only what the last read consumed.
+	var (
+		stash [MaxBatch]*frame
+		bufs  [MaxBatch][]byte
+		lens  [MaxBatch]int
+		have  int
+	)
+	defer func() {
+		for _, f := range stash[:have] {
+			s.putFree(f)
 		}
-		n, err := s.conn.ReadFrame(f.b)
+	}()
+	for {
+		if have == 0 {
+			select {
+			case stash[0] = <-s.free:
+				have = 1
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		}
+	topUp:
+		for have < MaxBatch {
+			select {
+			case stash[have] = <-s.free:
+				have++
+			default:
+				break topUp
+			}
+		}
+		for i := range have {
+			bufs[i] = stash[i].b
+		}
+		n, err := s.conn.ReadFrames(bufs[:have], lens[:have])
 		if err != nil {
-			s.free <- f
 			if ctx.Err() != nil {
 				return ctx.Err()
 			}
 			return fmt.Errorf("aoe: read from %s: %w", s.Interface(), err)
 		}
-		s.Stats.Received.Add(1)
-		if n < HeaderLen {
-			s.Stats.Malformed.Add(1)
-			s.free <- f
-			continue
+		now := time.Now()
+		s.Stats.Received.Add(uint64(n))
+		for i := range n {
+			f := stash[i]
+			if lens[i] < HeaderLen {
+				s.Stats.Malformed.Add(1)
+				s.putFree(f)
+				continue
+			}
+			f.n, f.at = lens[i], now
+			s.work <- f
 		}
-		f.n = n
-		f.at = time.Now()
-		s.work <- f
+		// Keep the frames not filled, in front.
+		have = copy(stash[:], stash[n:have])
+	}
+}
+
+// putFree returns a frame to the pool. Frames allocated past the pool when
+// it ran dry (broadcast copies) are dropped for the collector.
+func (s *Server) putFree(f *frame) {
+	select {
+	case s.free <- f:
+	default:
 	}
 }
 
 func (s *Server) worker(ctx context.Context) {
 	for f := range s.work {
 		s.serveFrame(ctx, f)
-		s.free <- f
 	}
 }
 
+// serveFrame answers one request. It owns f and passes it on to answer or
+// back to the pool.
 func (s *Server) serveFrame(ctx context.Context, f *frame) {
 	b := f.b
 	shelf := binary.BigEndian.Uint16(b[16:18])
@@ -326,51 +383,90 @@ func (s *Server) serveFrame(ctx context.Context, f *frame) {
 		t := (*s.targets.Load())[TargetAddr{shelf, slot}]
 		if t == nil {
 			s.Stats.NoTarget.Add(1)
+			s.putFree(f)
 			return
 		}
-		s.answer(ctx, t, b, f.n, f.at)
+		s.answer(ctx, t, f)
 		return
 	}
 	// A broadcast request is answered by every matching target, each in a
 	// copy of the request since the answer is built in place.
-	var scratch *frame
 	for a, t := range *s.targets.Load() {
 		if (shelf != BroadcastShelf && shelf != a.Shelf) || (slot != BroadcastSlot && slot != a.Slot) {
 			continue
 		}
-		if scratch == nil {
-			select {
-			case scratch = <-s.free:
-			default:
-				scratch = newFrames(1)[0]
-			}
-		}
-		copy(scratch.b, b[:f.n])
-		s.Stats.BroadcastCopies.Add(1)
-		s.answer(ctx, t, scratch.b, f.n, f.at)
-	}
-	if scratch != nil {
+		var c *frame
 		select {
-		case s.free <- scratch:
+		case c = <-s.free:
 		default:
+			c = newFrames(1)[0]
 		}
+		copy(c.b, b[:f.n])
+		c.n, c.at = f.n, f.at
+		s.Stats.BroadcastCopies.Add(1)
+		s.answer(ctx, t, c)
 	}
+	s.putFree(f)
 }
 
-func (s *Server) answer(ctx context.Context, t *Target, b []byte, n int, at time.Time) {
-	kind := kindOf(b[:n])
-	rlen := t.handle(ctx, b, n, s.MAC(), int(s.maxSectors.Load()))
-	if rlen == 0 {
+// answer runs the command in f for t and queues the answer for sending. It
+// owns f.
+func (s *Server) answer(ctx context.Context, t *Target, f *frame) {
+	f.kind = kindOf(f.b[:f.n])
+	f.rlen = t.handle(ctx, f.b, f.n, s.MAC(), int(s.maxSectors.Load()))
+	if f.rlen == 0 {
+		s.putFree(f)
 		return
 	}
-	if err := s.conn.WriteFrame(b[:rlen]); err != nil {
-		s.Stats.SendErrors.Add(1)
-		s.log.Warn("send failed", "target", t.addr.String(), "err", err)
+	f.t = t
+	s.send(f)
+}
+
+// send queues an answer. Answers that are ready at the same time leave in
+// one sendmmsg: the first worker to find the queue idle sends for everyone
+// who queues meanwhile (flat combining), so under load the socket sees few
+// calls and no worker waits for a dedicated sender goroutine.
+func (s *Server) send(f *frame) {
+	q := &s.sendq
+	q.mu.Lock()
+	q.pending = append(q.pending, f)
+	if q.busy {
+		q.mu.Unlock()
 		return
 	}
-	s.Stats.Sent.Add(1)
-	if t.observe != nil {
-		t.observe(kind, time.Since(at))
+	q.busy = true
+	for len(q.pending) > 0 {
+		batch := q.pending
+		q.pending, q.spare = q.spare[:0], batch
+		q.mu.Unlock()
+		s.sendBatch(batch)
+		q.mu.Lock()
+	}
+	q.busy = false
+	q.mu.Unlock()
+}
+
+func (s *Server) sendBatch(batch []*frame) {
+	bufs := s.sendq.bufs[:0]
+	for _, f := range batch {
+		bufs = append(bufs, f.b[:f.rlen])
+	}
+	s.sendq.bufs = bufs
+	err := s.conn.WriteFrames(bufs)
+	clear(bufs)
+	if err != nil {
+		s.Stats.SendErrors.Add(uint64(len(batch)))
+		s.log.Warn("send failed", "frames", len(batch), "err", err)
+	} else {
+		s.Stats.Sent.Add(uint64(len(batch)))
+	}
+	for i, f := range batch {
+		if err == nil && f.t.observe != nil {
+			f.t.observe(f.kind, time.Since(f.at))
+		}
+		f.t = nil
+		batch[i] = nil
+		s.putFree(f)
 	}
 }
 
