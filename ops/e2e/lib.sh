@@ -213,6 +213,8 @@ admin_socket = "$(node_sock "$i")"
 mac_mode = "$mode"
 cluster_name = "e2e-$$"
 log_level = "info"
+# the run's private bridge namespace is the security boundary (no TLS between nodes)
+insecure = true
 
 [[export]]
 shelf = 1
