@@ -251,32 +251,15 @@ func (t *Target) handle(ctx context.Context, b []byte, n int, src MAC, maxSector
 		return 0
 	}
 	var rlen int
-	switch Command(b[19]) {
-	case CmdATA:
-		if n < ATAHeaderLen {
-			return 0
-		}
-		rlen = t.doATA(ctx, b, n, from, st, maxSectors)
-	case CmdQueryConfig:
-		if n < ConfigHeaderLen {
-			return 0
-		}
-		rlen = t.doConfig(ctx, b, n, maxSectors)
-	case CmdMaskList:
-		if n < MaskHeaderLen {
-			return 0
-		}
-		rlen = t.doMask(ctx, b, n)
-	case CmdReserve:
-		if n < ReserveHeaderLen {
-			return 0
-		}
-		rlen = t.doReserve(ctx, b, n, from)
-	default:
-		// vblade echoes the whole request with the error set.
-		setError(b, ErrCodeBadCommand)
+	if b[14]>>4 != Version {
+		// r11 answers a version it does not speak with error 5, so an
+		// initiator from the future learns why instead of timing out.
+		// (vblade ignores the field.)
+		setError(b, ErrCodeBadVersion)
 		t.Stats.AoEErrors.Add(1)
-		rlen = n
+		rlen = HeaderLen
+	} else {
+		rlen = t.dispatch(ctx, b, n, from, st, maxSectors)
 	}
 	if rlen <= 0 {
 		t.Stats.Dropped.Add(1)
@@ -301,6 +284,37 @@ func (t *Target) handle(ctx context.Context, b []byte, n int, src MAC, maxSector
 		rlen = MinFrameLen
 	}
 	return rlen
+}
+
+// dispatch runs the command of a request that passed the gate, mask and
+// version checks and returns the response length (0: no answer).
+func (t *Target) dispatch(ctx context.Context, b []byte, n int, from MAC, st *TargetState, maxSectors int) int {
+	switch Command(b[19]) {
+	case CmdATA:
+		if n < ATAHeaderLen {
+			return 0
+		}
+		return t.doATA(ctx, b, n, from, st, maxSectors)
+	case CmdQueryConfig:
+		if n < ConfigHeaderLen {
+			return 0
+		}
+		return t.doConfig(ctx, b, n, maxSectors)
+	case CmdMaskList:
+		if n < MaskHeaderLen {
+			return 0
+		}
+		return t.doMask(ctx, b, n)
+	case CmdReserve:
+		if n < ReserveHeaderLen {
+			return 0
+		}
+		return t.doReserve(ctx, b, n, from)
+	}
+	// vblade echoes the whole request with the error set.
+	setError(b, ErrCodeBadCommand)
+	t.Stats.AoEErrors.Add(1)
+	return n
 }
 
 func setError(b []byte, code ErrorCode) {

@@ -485,3 +485,17 @@ func TestHandleAllocs(t *testing.T) {
 		t.Fatalf("%v allocations per read command", allocs)
 	}
 }
+
+func TestUnsupportedVersion(t *testing.T) {
+	tg, _, _ := newTestTarget(t, 10)
+	b, n := ataReq(ATACmdIdentify, 1, 0, false, nil)
+	b[14] = 2<<4 | b[14]&0x0f
+	rl := tg.handle(context.Background(), b, n, targetMAC, 2)
+	var h Header
+	if err := h.Unmarshal(b[:rl]); err != nil {
+		t.Fatal(err)
+	}
+	if !h.IsError() || h.Error != ErrCodeBadVersion || h.Version != Version {
+		t.Fatalf("version 2 request: %+v", h)
+	}
+}

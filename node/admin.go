@@ -9,7 +9,9 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"os/user"
 	"path/filepath"
+	"strconv"
 	"sync"
 	"time"
 )
@@ -42,7 +44,7 @@ const (
 // Run must be running for the peer side to receive connections.
 func (n *Node) ServeAdmin(ctx context.Context) error {
 	a := &adminServer{n: n, ctx: ctx}
-	ln, err := listenUnixSocket(n.cfg.AdminSocket)
+	ln, err := listenUnixSocket(n.cfg.AdminSocket, n.cfg.AdminGroup)
 	if err != nil {
 		return err
 	}
@@ -89,11 +91,30 @@ func serveUntilClosed(s *http.Server, ln net.Listener) error {
 }
 
 // listenUnixSocket creates the admin socket: parent directory (0750), a
-// stale socket from a crashed node removed, mode 0600 (only root or the
-// node's user may administer it).
-func listenUnixSocket(path string) (net.Listener, error) {
-	if err := os.MkdirAll(filepath.Dir(path), 0o750); err != nil {
+// stale socket from a crashed node removed, mode 0600 so only the node's
+// user (root under the shipped unit) may administer it. With group set, the
+// socket is 0660 and belongs to that group, and so does the directory if
+// this call created it (members must be able to reach the socket).
+func listenUnixSocket(path, group string) (net.Listener, error) {
+	gid := -1
+	if group != "" {
+		g, err := user.LookupGroup(group)
+		if err != nil {
+			return nil, fmt.Errorf("admin_group %q: %w (create the group or fix the name)", group, err)
+		}
+		if gid, err = strconv.Atoi(g.Gid); err != nil {
+			return nil, fmt.Errorf("admin_group %q: gid %q is not numeric", group, g.Gid)
+		}
+	}
+	dir := filepath.Dir(path)
+	_, statErr := os.Stat(dir)
+	if err := os.MkdirAll(dir, 0o750); err != nil {
 		return nil, fmt.Errorf("admin socket: create directory: %w", err)
+	}
+	if gid >= 0 && errors.Is(statErr, os.ErrNotExist) {
+		if err := os.Chown(dir, -1, gid); err != nil {
+			return nil, fmt.Errorf("admin socket: give directory %s to admin_group %s: %w", dir, group, err)
+		}
 	}
 	if fi, err := os.Lstat(path); err == nil {
 		if fi.Mode()&os.ModeSocket == 0 {
@@ -109,11 +130,22 @@ func listenUnixSocket(path string) (net.Listener, error) {
 			return nil, fmt.Errorf("admin socket: remove stale %s: %w", path, err)
 		}
 	}
+	// Between bind and chmod the socket has the umask's mode; the 0750
+	// directory keeps others out meanwhile. (Setting the umask instead
+	// would race with every other file this process creates.)
 	ln, err := net.Listen("unix", path)
 	if err != nil {
 		return nil, fmt.Errorf("admin socket: listen on %s: %w", path, err)
 	}
-	if err := os.Chmod(path, 0o600); err != nil {
+	mode := os.FileMode(0o600)
+	if gid >= 0 {
+		mode = 0o660
+		if err := os.Chown(path, -1, gid); err != nil {
+			ln.Close()
+			return nil, fmt.Errorf("admin socket: give %s to admin_group %s: %w", path, group, err)
+		}
+	}
+	if err := os.Chmod(path, mode); err != nil {
 		ln.Close()
 		return nil, fmt.Errorf("admin socket: chmod %s: %w", path, err)
 	}

@@ -285,7 +285,11 @@ func (a *adminServer) join(ctx context.Context, addr string) (*JoinResult, error
 				n.cfg.NodeID, n.cfg.DataDir)
 		}
 	}
-	req := PeerJoinRequest{ID: n.cfg.NodeID, Address: n.cfg.RaftAdvertise, Exports: n.exportInfos()}
+	token, err := n.joinToken()
+	if err != nil {
+		return nil, err
+	}
+	req := PeerJoinRequest{ID: n.cfg.NodeID, Address: n.cfg.RaftAdvertise, Exports: n.exportInfos(), Token: token}
 	jctx, cancel := context.WithTimeout(ctx, joinTimeout)
 	defer cancel()
 	res, err := n.joinVia(jctx, addr, "", req)
@@ -348,7 +352,12 @@ func (a *adminServer) startPromotion(index uint64) {
 			if addr == "" {
 				continue
 			}
-			req := PeerJoinRequest{ID: n.cfg.NodeID, Address: n.cfg.RaftAdvertise, Exports: n.exportInfos(), Promote: true}
+			token, err := n.joinToken()
+			if err != nil {
+				n.log.Warn("promotion to voter: cannot read the join token; retrying", "err", err)
+				continue
+			}
+			req := PeerJoinRequest{ID: n.cfg.NodeID, Address: n.cfg.RaftAdvertise, Exports: n.exportInfos(), Promote: true, Token: token}
 			pctx, cancel := context.WithTimeout(a.ctx, peerCallTimeout)
 			_, err = n.joinVia(pctx, string(addr), string(id), req)
 			cancel()
@@ -397,6 +406,9 @@ func (a *adminServer) peerJoin(ctx context.Context, req PeerJoinRequest) (*JoinR
 // promotes a caught-up nonvoter).
 func (a *adminServer) leaderJoin(ctx context.Context, req PeerJoinRequest) (*JoinResult, error) {
 	n := a.n
+	if err := n.checkJoinToken(req.Token); err != nil {
+		return nil, err
+	}
 	a.memberMu.Lock()
 	defer a.memberMu.Unlock()
 	servers, err := n.members()

@@ -65,6 +65,8 @@ func startTestNode(t *testing.T, netif, id string, size int64, random bool) *tes
 		RaftAddr:    freeAddr(t),
 		AdminSocket: filepath.Join(dir, "run", "admin.sock"),
 		Exports:     []Export{{Shelf: testShelf, Slot: testSlot, Netif: netif, Path: img, BufCount: 16}},
+		// Raft on loopback inside the test: TLS is covered by tls_test.go.
+		Insecure: true,
 	}
 	logPath := filepath.Join(dir, "node.log")
 	lf, err := os.Create(logPath)

@@ -198,6 +198,9 @@ type PeerJoinRequest struct {
 	// Forwarded is set by a member passing the request to the leader, so
 	// the leader does not forward it again.
 	Forwarded bool `json:"forwarded,omitempty"`
+	// Token is the cluster's join token (join_token_file); the leader
+	// refuses joins and promotions without the right one.
+	Token string `json:"token,omitempty"`
 }
 
 // PeerRemoveRequest is POST /v1/peer/remove.

@@ -3,6 +3,7 @@ package node
 import (
 	"context"
 	"crypto/sha256"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -50,6 +51,8 @@ type Node struct {
 	targets   map[aoe.TargetAddr]*aoe.Target
 	vmacs     map[aoe.TargetAddr]aoe.MAC // virtual MACs (mac_mode = "virtual")
 	metrics   *Collector
+	// tls is nil when insecure = true.
+	tls *TLSReloader
 
 	transfer atomic.Pointer[replication.TransferProgress]
 	changes  atomic.Uint64 // leadership changes seen
@@ -112,11 +115,35 @@ func NewNode(cfg *Config, log *slog.Logger) (*Node, error) {
 	if err != nil {
 		return nil, err
 	}
+	// Peer authentication first: a node whose own certificate peers would
+	// refuse must not start and look healthy.
+	var dial Dialer
+	var serverTLS *tls.Config
+	if !cfg.Insecure {
+		n.tls, err = NewTLSReloader(TLSFiles{Cert: cfg.TLSCert, Key: cfg.TLSKey, CA: cfg.TLSCA}, n.log)
+		if err != nil {
+			return nil, err
+		}
+		leaf, _ := n.tls.Leaf()
+		host, _, _ := net.SplitHostPort(cfg.RaftAdvertise)
+		if err := checkCertNamesHost(leaf, host); err != nil {
+			return nil, err
+		}
+		if _, err := readJoinToken(cfg.JoinTokenFile); err != nil {
+			return nil, err
+		}
+		dial, serverTLS = n.tls.Dialer(), n.tls.ServerConfig()
+	} else {
+		n.log.Warn("insecure = true: the node port is plain TCP without authentication; anyone who reaches it can join the cluster and rewrite every disk")
+	}
 	ln, err := net.Listen("tcp", cfg.RaftAddr)
 	if err != nil {
 		return nil, fmt.Errorf("listen on raft_addr %s: %w", cfg.RaftAddr, err)
 	}
-	n.mux = NewMux(ln, nil, n.log)
+	if serverTLS != nil {
+		ln = tls.NewListener(ln, serverTLS)
+	}
+	n.mux = NewMux(ln, dial, n.log)
 	adv, err := net.ResolveTCPAddr("tcp", cfg.RaftAdvertise)
 	if err != nil {
 		ln.Close()

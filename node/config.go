@@ -53,6 +53,22 @@ type Config struct {
 	SnapshotInterval  Duration `toml:"snapshot_interval"`
 	SnapshotThreshold uint64   `toml:"snapshot_threshold"`
 	TrailingLogs      uint64   `toml:"trailing_logs"`
+
+	// Peer authentication (see node/tls.go for the threat model). TLSCert
+	// and TLSKey are this node's certificate and key, TLSCA the cluster CA
+	// bundle peers must chain to; JoinTokenFile holds the secret a joining
+	// node must present. All four are required unless Insecure is set.
+	TLSCert       string `toml:"tls_cert"`
+	TLSKey        string `toml:"tls_key"`
+	TLSCA         string `toml:"tls_ca"`
+	JoinTokenFile string `toml:"join_token_file"`
+	// Insecure runs the node port as plain TCP with no authentication:
+	// anyone who reaches it can rewrite every disk. Only for a test LAN or
+	// a network that is itself the security boundary.
+	Insecure bool `toml:"insecure"`
+	// AdminGroup, if set, lets this group use the admin socket (mode 0660);
+	// otherwise only its owner can (0600).
+	AdminGroup string `toml:"admin_group"`
 }
 
 // Duration is a time.Duration written as a Go duration string ("500ms").
@@ -130,9 +146,38 @@ func (c *Config) ValidateCluster() error {
 	default:
 		return fmt.Errorf("mac_mode %q: want \"virtual\" or \"node\"", c.MACMode)
 	}
+	if err := c.validateTLS(); err != nil {
+		return err
+	}
 	if c.LeaderLease.Duration >= c.HeartbeatTimeout.Duration {
 		return fmt.Errorf("leader_lease %v must be shorter than heartbeat_timeout %v, or a deposed leader could answer after a new one is elected",
 			c.LeaderLease.Duration, c.HeartbeatTimeout.Duration)
+	}
+	return nil
+}
+
+// validateTLS enforces mutual TLS as the default: a cluster node without
+// TLS material refuses to start unless insecure = true says so explicitly.
+// The files themselves are checked when the node starts (NewNode).
+func (c *Config) validateTLS() error {
+	set := map[string]string{"tls_cert": c.TLSCert, "tls_key": c.TLSKey, "tls_ca": c.TLSCA, "join_token_file": c.JoinTokenFile}
+	var missing, given []string
+	for _, k := range []string{"tls_cert", "tls_key", "tls_ca", "join_token_file"} {
+		if set[k] == "" {
+			missing = append(missing, k)
+		} else {
+			given = append(given, k)
+		}
+	}
+	if c.Insecure {
+		if len(given) > 0 && c.TLSCert+c.TLSKey+c.TLSCA != "" {
+			return fmt.Errorf("insecure = true but %s set: the node port is either TLS or plain; remove insecure (recommended) or the TLS keys", strings.Join(given, ", "))
+		}
+		return nil
+	}
+	if len(missing) > 0 {
+		return fmt.Errorf("cluster mode needs peer authentication: %s not set; create a CA, node certificates and a join token with `vbladectl cluster certs --dir DIR --nodes ID,...` and set tls_cert, tls_key, tls_ca and join_token_file, or set insecure = true to run the node port unauthenticated (anyone who reaches it can rewrite every disk)",
+			strings.Join(missing, ", "))
 	}
 	return nil
 }

@@ -333,7 +333,7 @@ func TestNodeReadyAndRaftMetrics(t *testing.T) {
 	}
 	raftAddr := ln.Addr().String()
 	ln.Close()
-	cfg := &Config{NodeID: "m1", DataDir: filepath.Join(dir, "data"), RaftAddr: raftAddr,
+	cfg := &Config{NodeID: "m1", DataDir: filepath.Join(dir, "data"), RaftAddr: raftAddr, Insecure: true,
 		Exports: []Export{{Shelf: 9, Slot: 1, Netif: tgtIf, Path: img, BufCount: 16}}}
 	n, err := NewNode(cfg, nil)
 	if err != nil {

@@ -2,6 +2,7 @@ package node
 
 import (
 	"context"
+	"crypto/tls"
 	"fmt"
 	"io"
 	"log/slog"
@@ -74,6 +75,20 @@ func (m *Mux) Serve() {
 func (m *Mux) route(c net.Conn) {
 	// A peer that connects and sends nothing must not hold a goroutine.
 	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	// With TLS the handshake comes first: a peer without a certificate from
+	// the cluster CA is dropped here, before Raft or the admin API sees a
+	// byte. Done explicitly (rather than inside the first Read) so that the
+	// refusal is logged with its reason.
+	if tc, ok := c.(*tls.Conn); ok {
+		ctx, cancel := context.WithTimeout(context.Background(), handshakeTimeout)
+		err := tc.HandshakeContext(ctx)
+		cancel()
+		if err != nil {
+			m.log.Warn("peer refused: TLS handshake failed (a node needs a certificate from this cluster's CA)", "remote", c.RemoteAddr().String(), "err", err)
+			c.Close()
+			return
+		}
+	}
 	var b [1]byte
 	if _, err := io.ReadFull(c, b[:]); err != nil {
 		c.Close()

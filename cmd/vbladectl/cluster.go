@@ -53,6 +53,7 @@ func clusterCommand() *cli.Command {
 			sub("status", "show every node's role, term, indexes and lag, and who serves which target", " ", clusterStatus,
 				&cli.BoolFlag{Name: "json", Usage: "print JSON"}),
 			verify,
+			certsCommand(),
 		},
 	}
 }
