@@ -28,6 +28,12 @@ vet:
 e2e: build
 	bash ops/e2e/run.sh basic
 
+# A three-node cluster on a private LAN (namespaces), a verifying workload,
+# the leader killed mid-run; tears everything down, also on Ctrl-C. Root.
+.PHONY: demo
+demo: build
+	bash ops/demo/demo.sh
+
 bench: build
 	bash ops/bench/run.sh
 
@@ -71,3 +77,22 @@ install: build
 # Render the man pages to text (a quick look without installing).
 man:
 	@for p in ops/man/man*/*.[58]; do echo "== $$p"; man -l $$p | cat; done
+
+# Jepsen-style fault suite (test/faults): 3- and 5-node clusters of real
+# nodes in network namespaces under a recorded AoE workload, a nemesis
+# (crashes, pauses, partitions, a full disk) and a linearizability checker.
+# Needs root and nft (Debian package nftables). The CI-sized run is
+# FAULTS_DURATION of nemesis time (default 10m: 100-150 faults);
+# `LONG=1 FAULTS_DURATION=2h make faults` runs as long as asked. The report
+# is printed; a failing run keeps its history and node logs in
+# FAULTS_ARTIFACTS (default $TMPDIR/vblade-faults) and prints the path.
+.PHONY: faults
+ifeq ($(LONG),1)
+FAULTS_DURATION ?= 1h
+FAULTS_TIMEOUT  ?= 0
+else
+FAULTS_DURATION ?= 10m
+FAULTS_TIMEOUT  ?= 30m
+endif
+faults:
+	$(GO) test -count=1 -v -run TestFaults -timeout $(FAULTS_TIMEOUT) ./test/faults/ -faults.duration=$(FAULTS_DURATION)
