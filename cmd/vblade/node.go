@@ -31,13 +31,18 @@ func nodeMain(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "vblade:", err)
 		return 1
 	}
-	for flagVal, field := range map[*string]*string{nodeID: &cfg.NodeID, dataDir: &cfg.DataDir, raftAddr: &cfg.RaftAddr,
-		adminSocket: &cfg.AdminSocket, logLevel: &cfg.LogLevel} {
-		if *flagVal != "" {
-			*field = *flagVal
+	// The overrides and defaults, applied alike to the file a SIGHUP
+	// re-reads, so that they do not show up as changes.
+	prepare := func(c *node.Config) {
+		for flagVal, field := range map[*string]*string{nodeID: &c.NodeID, dataDir: &c.DataDir, raftAddr: &c.RaftAddr,
+			adminSocket: &c.AdminSocket, logLevel: &c.LogLevel} {
+			if *flagVal != "" {
+				*field = *flagVal
+			}
 		}
+		c.ApplyClusterDefaults()
 	}
-	cfg.ApplyClusterDefaults()
+	prepare(cfg)
 	if err := cfg.ValidateCluster(); err != nil {
 		fmt.Fprintf(stderr, "vblade: %s: %v\n", *path, err)
 		return 1
@@ -46,11 +51,19 @@ func nodeMain(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stdout, "%s: ok (node %s, %d exports)\n", *path, cfg.NodeID, len(cfg.Exports))
 		return 0
 	}
-	log, err := configLogger(cfg, stderr)
+	log, level, err := configLogger(cfg, stderr)
 	if err != nil {
 		fmt.Fprintln(stderr, "vblade:", err)
 		return 1
 	}
+	// SIGHUP is caught before the node exists: until then it would kill the
+	// process, and systemd's ExecReload may send it at any time. A reload
+	// during start-up waits in the channel until the node runs.
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	// NewNode keeps cfg; the reloader works on its own copy.
+	running := *cfg
 	n, err := node.NewNode(cfg, log)
 	if err != nil {
 		fmt.Fprintln(stderr, "vblade:", err)
@@ -66,6 +79,8 @@ func nodeMain(args []string, stdout, stderr io.Writer) int {
 		cancel()
 	}()
 	go n.NotifyWhenReady(ctx)
+	rl := &reloader{path: *path, prepare: prepare, running: &running, level: level, log: log, masks: n.ApplyMasks}
+	go rl.watch(ctx, hup)
 	metricsErr := make(chan error, 1)
 	if cfg.MetricsAddr != "" {
 		reg, err := node.NewMetricsRegistry(n.MetricsCollector())
