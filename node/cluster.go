@@ -443,10 +443,32 @@ func (n *Node) registerExports(ctx context.Context) error {
 		}
 		actx, cancel := context.WithTimeout(ctx, 10*time.Second)
 		err := n.repl.AddTarget(actx, id, f.Size())
+		if err == nil {
+			err = n.commitConfiguredMasks(actx, id)
+		}
 		cancel()
 		if err != nil {
 			return fmt.Errorf("add target %v: %w", id, err)
 		}
+	}
+	return nil
+}
+
+// commitConfiguredMasks gives a target that has just entered the replicated
+// set the mask list of its [[export]] table. Later the mask list is target
+// state like any other (changed through AoE or a SIGHUP on the leader): a
+// restart must not overwrite what an initiator set.
+func (n *Node) commitConfiguredMasks(ctx context.Context, id replication.TargetID) error {
+	for i := range n.cfg.Exports {
+		e := &n.cfg.Exports[i]
+		if e.Addr() != (aoe.TargetAddr{Shelf: id.Shelf, Slot: id.Slot}) || len(e.Masks) == 0 {
+			continue
+		}
+		masks, err := e.ParseMasks()
+		if err != nil {
+			return err
+		}
+		return n.repl.Commit(ctx, id.Shelf, id.Slot, aoe.TargetState{Masks: masks})
 	}
 	return nil
 }
