@@ -138,7 +138,7 @@ func (d *directIO) span(off int64, rest int) (start, end int64, head, n int) {
 	return start, end, head, n
 }
 
-func (d *directIO) readAt(fh *os.File, p []byte, off int64) error {
+func (d *directIO) readAt(fh fileIO, p []byte, off int64) error {
 	if len(p) == 0 {
 		return nil
 	}
@@ -160,7 +160,7 @@ func (d *directIO) readAt(fh *os.File, p []byte, off int64) error {
 	return nil
 }
 
-func (d *directIO) writeAt(fh *os.File, p []byte, off int64) error {
+func (d *directIO) writeAt(fh fileIO, p []byte, off int64) error {
 	if len(p) == 0 {
 		return nil
 	}
