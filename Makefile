@@ -5,7 +5,7 @@ DESTDIR ?=
 GOFLAGS ?=
 export GOFLAGS
 
-.PHONY: all build test unit e2e bench fuzz vet fmt clean install man
+.PHONY: all build test unit e2e bench fuzz fuzz-ci vet fmt clean install man
 
 all: build
 
@@ -15,7 +15,10 @@ build:
 # The whole suite, as CI runs it: vet, unit and integration tests under the
 # race detector (the namespace tests need root, as CI is), then the end-to-end
 # check against the real Linux aoe driver in QEMU.
-test: build vet unit e2e
+test: build vet unit fuzz-ci e2e
+
+fuzz-ci:
+	$(MAKE) fuzz FUZZTIME=10s
 
 unit:
 	$(GO) test -race -count=1 -timeout 30m ./...
@@ -37,12 +40,18 @@ demo: build
 bench: build
 	bash ops/bench/run.sh
 
-# Short coverage-guided fuzzing of every decoder (the seed corpora already run
-# in `make unit`).
+# Coverage-guided fuzzing of every decoder for FUZZTIME each (CI: 10s; the
+# checked-in seed corpora also run in `make unit`). A crasher is written to
+# the package's testdata/fuzz and fails the run.
 FUZZTIME ?= 30s
+FUZZERS = ./aoe:FuzzDecode ./aoe:FuzzTargetHandle ./aoe:FuzzClientHandleFrame \
+	./replication:FuzzDecodeEntry ./replication:FuzzReadMeta \
+	./node:FuzzAdminDecoders ./node:FuzzParseConfig
 fuzz:
-	$(GO) test -run XXX -fuzz 'FuzzDecode$$' -fuzztime $(FUZZTIME) ./aoe
-	$(GO) test -run XXX -fuzz 'FuzzTargetHandle$$' -fuzztime $(FUZZTIME) ./aoe
+	@set -e; for f in $(FUZZERS); do \
+	  pkg=$${f%%:*}; name=$${f##*:}; echo "fuzz $$pkg $$name ($(FUZZTIME))"; \
+	  $(GO) test -run XXX -fuzz "^$$name\$$" -fuzztime $(FUZZTIME) $$pkg; \
+	done
 
 fmt:
 	gofmt -w $$(git ls-files '*.go')
