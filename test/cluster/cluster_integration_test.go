@@ -35,12 +35,13 @@ import (
 	"time"
 
 	"github.com/vblade-ha/vblade-ha/aoe"
+	"github.com/vblade-ha/vblade-ha/internal/clustertest"
 	"github.com/vblade-ha/vblade-ha/internal/netlab"
 )
 
 func TestClusterFailover(t *testing.T) {
 	netlab.RequireRoot(t)
-	buildBinaries(t)
+	clustertest.Build(t)
 	modes := []string{"virtual", "node"}
 	if m := os.Getenv("VBHA_IT_MODES"); m != "" {
 		modes = strings.Split(m, ",")
@@ -56,23 +57,23 @@ func TestClusterFailover(t *testing.T) {
 
 func runFailover(t *testing.T, mode string, subnet, kills int) {
 	c := newCluster(t, mode, subnet)
-	n1, n2, n3, n4 := c.nodes[1], c.nodes[2], c.nodes[3], c.nodes[4]
-	for _, n := range []*vnode{n1, n2, n3} {
-		c.writeImage(n, n.id+".img", c.initial, 0)
-		c.writeConfig(n, fmt.Sprintf("%s/%s.data", c.dir, n.id))
-		c.start(n)
+	n1, n2, n3, n4 := c.Node(1), c.Node(2), c.Node(3), c.Node(4)
+	for _, n := range []*clustertest.Node{n1, n2, n3} {
+		c.WriteImage(n, n.ID+".img", c.initial, 0)
+		c.writeConfig(n, fmt.Sprintf("%s/%s.data", c.Dir, n.ID))
+		c.MustStart(n)
 	}
 
 	// A node not yet in a cluster says so and exits 0.
-	if out, err := c.ctl(n1, "status", "--json"); err != nil {
+	if out, err := c.Ctl(n1, "status", "--json"); err != nil {
 		t.Errorf("cluster status on a node before init: %v\n%s", err, out)
 	}
-	c.mustCtl(n1, "init")
-	c.waitLeader(nil, 15*time.Second)
-	for _, n := range []*vnode{n2, n3} {
-		out := c.mustCtl(n, "join", n1.raftAddr)
-		t.Logf("join %s: %s", n.id, strings.TrimSpace(lastLine(out)))
-		c.waitCaughtUp(n, 60*time.Second)
+	c.MustCtl(n1, "init")
+	c.WaitLeader(nil, 15*time.Second)
+	for _, n := range []*clustertest.Node{n2, n3} {
+		out := c.MustCtl(n, "join", n1.RaftAddr)
+		t.Logf("join %s: %s", n.ID, strings.TrimSpace(lastLine(out)))
+		c.WaitCaughtUp(n, 60*time.Second)
 	}
 	cs := c.clusterStatus(n2)
 	if len(cs.Nodes) != 3 || cs.Leader == "" {
@@ -83,7 +84,7 @@ func runFailover(t *testing.T, mode string, subnet, kills int) {
 	// Initiator on the root port.
 	obs := observe(t, c)
 	defer obs.stop()
-	cl, err := aoe.NewClient(c.lan.Root[0].Name, aoe.ClientOptions{Follow: true, RequestTimeout: -1, MaxRTO: 500 * time.Millisecond})
+	cl, err := aoe.NewClient(c.LAN.Root[0].Name, aoe.ClientOptions{Follow: true, RequestTimeout: -1, MaxRTO: 500 * time.Millisecond})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -103,21 +104,21 @@ func runFailover(t *testing.T, mode string, subnet, kills int) {
 	t.Logf("target e%d.%d answers from %s", shelf, slotNo, virtMAC)
 
 	// Target state through AoE on leader 1.
-	leader1 := c.waitLeader(nil, 5*time.Second)
+	leader1 := c.WaitLeader(nil, 5*time.Second)
 	me := cl.MAC()
 	cfgStr := []byte("vbha-it " + mode)
 	sctx, scancel := context.WithTimeout(ctx, 10*time.Second)
 	if _, err := cl.QueryConfig(sctx, rem, aoe.ConfigForceSet, cfgStr); err != nil {
-		t.Fatalf("set config string on %s: %v", leader1.id, err)
+		t.Fatalf("set config string on %s: %v", leader1.ID, err)
 	}
 	if _, err := cl.MaskList(sctx, rem, aoe.MaskEdit, []aoe.Directive{{Command: aoe.DirAdd, MAC: me}}); err != nil {
-		t.Fatalf("mask list add on %s: %v", leader1.id, err)
+		t.Fatalf("mask list add on %s: %v", leader1.ID, err)
 	}
 	if _, err := cl.Reserve(sctx, rem, aoe.ReserveSet, []aoe.MAC{me}); err != nil {
-		t.Fatalf("reserve on %s: %v", leader1.id, err)
+		t.Fatalf("reserve on %s: %v", leader1.ID, err)
 	}
 	scancel()
-	t.Logf("config string, mask list and reservation set through AoE on leader %s", leader1.id)
+	t.Logf("config string, mask list and reservation set through AoE on leader %s", leader1.ID)
 
 	w := newWorkload(cl, rem, c.initial, 4<<20)
 	w.start(150 * time.Second)
@@ -128,34 +129,34 @@ func runFailover(t *testing.T, mode string, subnet, kills int) {
 
 	var killStalls []time.Duration
 	killOne := func(k int) {
-		l := c.waitLeader(nil, 15*time.Second)
+		l := c.WaitLeader(nil, 15*time.Second)
 		time.Sleep(500 * time.Millisecond)
 		tk := time.Now()
-		c.stop(l, syscall.SIGKILL)
+		c.Stop(l, syscall.SIGKILL)
 		if !w.waitProgress(tk, 100, 30*time.Second) {
-			t.Fatalf("kill %d: workload did not resume within 30 s after SIGKILL of %s (errors %v)", k, l.id, w.errs)
+			t.Fatalf("kill %d: workload did not resume within 30 s after SIGKILL of %s (errors %v)", k, l.ID, w.errs)
 		}
 		st := w.stallAround(tk)
-		nl := c.waitLeader(l, 15*time.Second)
+		nl := c.WaitLeader(l, 15*time.Second)
 		killStalls = append(killStalls, st)
-		t.Logf("kill %d: SIGKILL leader %s -> new leader %s, workload stall %v", k, l.id, nl.id, st.Round(time.Millisecond))
+		t.Logf("kill %d: SIGKILL leader %s -> new leader %s, workload stall %v", k, l.ID, nl.ID, st.Round(time.Millisecond))
 		if k == 1 {
 			checkState(t, cl, rem, cfgStr, me)
 		}
-		c.start(l)
-		lag, took := c.waitCaughtUp(l, 60*time.Second)
-		t.Logf("kill %d: %s restarted and caught up in %v (lag %d after)", k, l.id, took.Round(time.Millisecond), lag)
+		c.MustStart(l)
+		lag, took := c.WaitCaughtUp(l, 60*time.Second)
+		t.Logf("kill %d: %s restarted and caught up in %v (lag %d after)", k, l.ID, took.Round(time.Millisecond), lag)
 	}
 
 	killOne(1)
 
 	// Bad joins, with n4 running an image of the wrong size.
-	c.writeImage(n4, "n4-small.img", nil, imgSize/2)
-	c.writeConfig(n4, c.dir+"/n4-bad.data")
-	c.start(n4)
-	for _, bad := range []string{fmt.Sprintf("%s:7000", ipWithLast(n1.raftAddr, 77)), fmt.Sprintf("%s:7999", n2.host.IP())} {
+	c.WriteImage(n4, "n4-small.img", nil, imgSize/2)
+	c.writeConfig(n4, c.Dir+"/n4-bad.data")
+	c.MustStart(n4)
+	for _, bad := range []string{fmt.Sprintf("%s:7000", ipWithLast(n1.RaftAddr, 77)), fmt.Sprintf("%s:7999", n2.Host.IP())} {
 		t0 := time.Now()
-		out, err := c.ctl(n4, "join", bad)
+		out, err := c.Ctl(n4, "join", bad)
 		took := time.Since(t0)
 		switch {
 		case err == nil:
@@ -167,7 +168,7 @@ func runFailover(t *testing.T, mode string, subnet, kills int) {
 		}
 		t.Logf("join %s failed after %v: %s", bad, took.Round(time.Millisecond), strings.TrimSpace(out))
 	}
-	out, err := c.ctl(n4, "join", n2.raftAddr)
+	out, err := c.Ctl(n4, "join", n2.RaftAddr)
 	if err == nil {
 		t.Errorf("join of a node with a %d-byte export succeeded: %s", imgSize/2, out)
 	} else if !sizesNamed(out, imgSize, imgSize/2) {
@@ -177,22 +178,22 @@ func runFailover(t *testing.T, mode string, subnet, kills int) {
 	if cs := c.clusterStatus(n1); len(cs.Nodes) != 3 {
 		t.Errorf("after refused joins the cluster has %d members, want 3: %+v", len(cs.Nodes), cs.Nodes)
 	}
-	c.stop(n4, syscall.SIGTERM)
+	c.Stop(n4, syscall.SIGTERM)
 
 	// n4 for real: zero-filled image of the right size, joining under load.
-	c.writeImage(n4, "n4.img", nil, imgSize)
-	c.writeConfig(n4, c.dir+"/n4.data")
-	c.start(n4)
+	c.WriteImage(n4, "n4.img", nil, imgSize)
+	c.writeConfig(n4, c.Dir+"/n4.data")
+	c.MustStart(n4)
 	tj := time.Now()
-	out = c.mustCtl(n4, "join", n3.raftAddr)
-	t.Logf("join n4 via %s: %s", n3.id, strings.TrimSpace(lastLine(out)))
-	lag, _ := c.waitCaughtUp(n4, 90*time.Second)
-	s4, _ := c.status(n4)
+	out = c.MustCtl(n4, "join", n3.RaftAddr)
+	t.Logf("join n4 via %s: %s", n3.ID, strings.TrimSpace(lastLine(out)))
+	lag, _ := c.WaitCaughtUp(n4, 90*time.Second)
+	s4, _ := c.Status(n4)
 	t.Logf("n4 caught up %v after join (lag %d), suffrage %s, transfer %+v", time.Since(tj).Round(time.Millisecond), lag, s4.Suffrage, s4.Transfer)
 	verify := func() {
 		w.Pause()
 		defer w.Resume()
-		out, err := c.ctl(n4, "verify")
+		out, err := c.Ctl(n4, "verify")
 		if err != nil {
 			t.Errorf("cluster verify: %v\n%s", err, out)
 			return
@@ -202,40 +203,40 @@ func runFailover(t *testing.T, mode string, subnet, kills int) {
 	verify()
 
 	// Planned transfer to n4.
-	l := c.waitLeader(nil, 10*time.Second)
+	l := c.WaitLeader(nil, 10*time.Second)
 	time.Sleep(500 * time.Millisecond)
 	tt := time.Now()
-	out = c.mustCtl(l, "transfer", "--to", "n4")
+	out = c.MustCtl(l, "transfer", "--to", "n4")
 	if !w.waitProgress(tt, 100, 30*time.Second) {
 		t.Fatalf("workload did not resume after transfer")
 	}
 	trStall := w.stallAround(tt)
-	nl := c.waitLeader(nil, 10*time.Second)
-	t.Logf("transfer %s -> %s (asked n4): stall %v; %s", l.id, nl.id, trStall.Round(time.Millisecond), strings.TrimSpace(lastLine(out)))
+	nl := c.WaitLeader(nil, 10*time.Second)
+	t.Logf("transfer %s -> %s (asked n4): stall %v; %s", l.ID, nl.ID, trStall.Round(time.Millisecond), strings.TrimSpace(lastLine(out)))
 	if nl != n4 {
-		t.Errorf("transfer --to n4: leader is %s", nl.id)
+		t.Errorf("transfer --to n4: leader is %s", nl.ID)
 	}
 
 	// A follower leaves.
-	var leaver *vnode
-	for _, n := range []*vnode{n2, n3, n1} {
-		if n != nl && n.cmd != nil {
+	var leaver *clustertest.Node
+	for _, n := range []*clustertest.Node{n2, n3, n1} {
+		if n != nl && n.Running() {
 			leaver = n
 			break
 		}
 	}
-	out = c.mustCtl(leaver, "leave")
-	t.Logf("leave %s: %s", leaver.id, strings.TrimSpace(lastLine(out)))
+	out = c.MustCtl(leaver, "leave")
+	t.Logf("leave %s: %s", leaver.ID, strings.TrimSpace(lastLine(out)))
 	cs = c.clusterStatus(nl)
 	for _, m := range cs.Nodes {
-		if m.ID == leaver.id {
-			t.Errorf("%s still a member after leave: %+v", leaver.id, cs.Nodes)
+		if m.ID == leaver.ID {
+			t.Errorf("%s still a member after leave: %+v", leaver.ID, cs.Nodes)
 		}
 	}
 	if len(cs.Nodes) != 3 {
 		t.Errorf("after leave: %d members, want 3: %+v", len(cs.Nodes), cs.Nodes)
 	}
-	c.stop(leaver, syscall.SIGTERM)
+	c.Stop(leaver, syscall.SIGTERM)
 
 	for k := 2; k <= kills; k++ {
 		killOne(k)
@@ -273,7 +274,7 @@ func runFailover(t *testing.T, mode string, subnet, kills int) {
 	}
 	hostMAC := map[aoe.MAC]int{}
 	for i := 1; i <= 4; i++ {
-		hostMAC[macOf(c.nodes[i].host.MAC)] = i
+		hostMAC[macOf(c.Node(i).Host.MAC)] = i
 	}
 	bad, perNode := 0, map[int]int{}
 	for _, r := range obs.responses() {

@@ -18,17 +18,10 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net"
-	"net/http"
-	"os"
-	"os/exec"
-	"path/filepath"
-	"runtime"
 	"slices"
 	"sort"
-	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
 
@@ -37,6 +30,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/vblade-ha/vblade-ha/aoe"
+	"github.com/vblade-ha/vblade-ha/internal/clustertest"
 	"github.com/vblade-ha/vblade-ha/internal/netlab"
 )
 
@@ -47,253 +41,34 @@ const (
 	blockSz = 1024 // one AoE frame at MTU 1500: every workload op is one command
 )
 
-// ---------------------------------------------------------------- binaries
-
-type binaries struct{ vblade, vbladectl string }
-
-var (
-	buildOnce sync.Once
-	buildRes  binaries
-	buildErr  error
-)
-
-func repoRoot() string {
-	_, file, _, _ := runtime.Caller(0)
-	return filepath.Clean(filepath.Join(filepath.Dir(file), "..", ".."))
-}
-
-// buildBinaries builds ./cmd/vblade and ./cmd/vbladectl into a temporary
-// directory once per test binary (VBHA_BIN_DIR uses prebuilt ones).
-func buildBinaries(t *testing.T) binaries {
-	t.Helper()
-	buildOnce.Do(func() {
-		if d := os.Getenv("VBHA_BIN_DIR"); d != "" {
-			buildRes = binaries{filepath.Join(d, "vblade"), filepath.Join(d, "vbladectl")}
-			return
-		}
-		dir, err := os.MkdirTemp("", "vbha-cluster-it-")
-		if err != nil {
-			buildErr = err
-			return
-		}
-		cmd := exec.Command("go", "build", "-o", dir+string(os.PathSeparator), "./cmd/vblade", "./cmd/vbladectl")
-		cmd.Dir = repoRoot()
-		if out, err := cmd.CombinedOutput(); err != nil {
-			buildErr = fmt.Errorf("go build ./cmd/vblade ./cmd/vbladectl: %v\n%s", err, out)
-			return
-		}
-		buildRes = binaries{filepath.Join(dir, "vblade"), filepath.Join(dir, "vbladectl")}
-	})
-	if buildErr != nil {
-		t.Fatal(buildErr)
-	}
-	return buildRes
-}
-
-// ---------------------------------------------------------------- nodes
-
-type vnode struct {
-	idx      int
-	id       string
-	host     *netlab.Host
-	raftAddr string
-	sock     string
-	cfgPath  string
-	dataDir  string
-	img      string
-	cmd      *exec.Cmd
-	http     *http.Client
-}
+// ---------------------------------------------------------------- cluster
 
 type cluster struct {
-	t     *testing.T
-	lan   *netlab.LAN
-	bins  binaries
-	mode  string
-	dir   string
-	nodes map[int]*vnode
-	// extra config lines (for the config tests)
+	*clustertest.Cluster
+	mode    string
 	initial []byte // the image content every founding node starts with
 }
 
+// newCluster builds a LAN of four node hosts and a root port; images and
+// configurations are written per node by the test (writeImage, writeConfig).
 func newCluster(t *testing.T, mode string, subnet int) *cluster {
-	lan := netlab.New(t, netlab.Options{Hosts: 4, RootPorts: 1, Subnet: subnet})
-	c := &cluster{t: t, lan: lan, bins: buildBinaries(t), mode: mode, dir: t.TempDir(), nodes: map[int]*vnode{}}
+	c := &cluster{mode: mode, Cluster: clustertest.New(t, clustertest.Options{
+		Nodes: 4, RootPorts: 1, Subnet: subnet,
+		Config: clustertest.Config{ClusterName: "vbha-it", MACMode: mode, LogLevel: "info",
+			Shelf: shelf, Slot: slotNo, Bufcnt: 16},
+	})}
 	c.initial = make([]byte, imgSize)
 	r := rand.New(rand.NewPCG(uint64(subnet), 42))
 	for i := 0; i < len(c.initial); i += 8 {
 		binary.LittleEndian.PutUint64(c.initial[i:], r.Uint64())
 	}
-	for i := 1; i <= 4; i++ {
-		h := lan.Host(i)
-		n := &vnode{idx: i, id: fmt.Sprintf("n%d", i), host: h,
-			raftAddr: fmt.Sprintf("%s:7000", h.IP()),
-			sock:     filepath.Join(c.dir, fmt.Sprintf("n%d.sock", i))}
-		sock := n.sock
-		n.http = &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{
-			DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-				return (&net.Dialer{}).DialContext(ctx, "unix", sock)
-			}}}
-		c.nodes[i] = n
-	}
-	t.Cleanup(func() {
-		if t.Failed() {
-			c.dumpLogs()
-		}
-	})
 	return c
 }
 
-func (c *cluster) dumpLogs() {
-	files, _ := filepath.Glob(filepath.Join(c.lan.LogDir(), "*vblade*.stderr"))
-	for _, f := range files {
-		b, _ := os.ReadFile(f)
-		lines := strings.Split(strings.TrimSpace(string(b)), "\n")
-		if len(lines) > 60 {
-			lines = lines[len(lines)-60:]
-		}
-		c.t.Logf("---- last lines of %s:\n%s", f, strings.Join(lines, "\n"))
-	}
-}
-
-// writeImage creates n's image: the founding content, zeros, or a size of its own.
-func (c *cluster) writeImage(n *vnode, name string, content []byte, size int64) {
-	n.img = filepath.Join(c.dir, name)
-	if content != nil {
-		if err := os.WriteFile(n.img, content, 0o600); err != nil {
-			c.t.Fatal(err)
-		}
-		return
-	}
-	f, err := os.Create(n.img)
-	if err != nil {
-		c.t.Fatal(err)
-	}
-	if err := f.Truncate(size); err != nil {
-		c.t.Fatal(err)
-	}
-	f.Close()
-}
-
-func (c *cluster) writeConfig(n *vnode, dataDir string) {
-	n.dataDir = dataDir
-	n.cfgPath = filepath.Join(c.dir, n.id+".toml")
-	cfg := fmt.Sprintf(`node_id = %q
-data_dir = %q
-raft_addr = %q
-admin_socket = %q
-mac_mode = %q
-cluster_name = "vbha-it"
-log_level = "info"
-# The test LAN (namespaces on a private bridge) is the security boundary.
-insecure = true
-
-[[export]]
-shelf = %d
-slot = %d
-netif = %q
-path = %q
-bufcnt = 16
-`, n.id, dataDir, n.raftAddr, n.sock, c.mode, shelf, slotNo, n.host.If, n.img)
-	if err := os.WriteFile(n.cfgPath, []byte(cfg), 0o600); err != nil {
-		c.t.Fatal(err)
-	}
-}
-
-// start runs `vblade node -c FILE` in n's namespace and waits for its admin socket.
-func (c *cluster) start(n *vnode) {
-	c.t.Helper()
-	n.cmd = c.lan.Start(n.host.NS, c.bins.vblade, "node", "-c", n.cfgPath)
-	deadline := time.Now().Add(15 * time.Second)
-	for {
-		if _, err := c.status(n); err == nil {
-			return
-		}
-		if ex, werr := c.lan.Exited(n.cmd); ex {
-			_, se := c.lan.Output(n.cmd)
-			c.t.Fatalf("%s exited at start (%v):\n%s", n.id, werr, se)
-		}
-		if time.Now().After(deadline) {
-			_, se := c.lan.Output(n.cmd)
-			c.t.Fatalf("%s: admin socket %s never answered:\n%s", n.id, n.sock, se)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-}
-
-func (c *cluster) stop(n *vnode, sig syscall.Signal) {
-	if n.cmd == nil {
-		return
-	}
-	c.lan.Stop(n.cmd, sig)
-	n.cmd = nil
-}
-
-func (c *cluster) running() []*vnode {
-	var out []*vnode
-	for i := 1; i <= 4; i++ {
-		if n := c.nodes[i]; n.cmd != nil {
-			out = append(out, n)
-		}
-	}
-	return out
-}
-
-// ctl runs `vbladectl cluster SUB --socket S ARGS...` in n's namespace.
-func (c *cluster) ctl(n *vnode, sub string, args ...string) (string, error) {
-	a := append([]string{c.bins.vbladectl, "cluster", sub, "--socket", n.sock}, args...)
-	out, err := c.lan.Exec(n.host.NS, a...)
-	return string(out), err
-}
-
-func (c *cluster) mustCtl(n *vnode, sub string, args ...string) string {
-	c.t.Helper()
-	out, err := c.ctl(n, sub, args...)
-	if err != nil {
-		c.t.Fatalf("vbladectl cluster %s %s on %s: %v\n%s", sub, strings.Join(args, " "), n.id, err, out)
-	}
-	return out
-}
-
-// nodeStatus is the part of GET /v1/status the test reads.
-type nodeStatus struct {
-	ID              string `json:"id"`
-	InCluster       bool   `json:"in_cluster"`
-	State           string `json:"state"`
-	Suffrage        string `json:"suffrage"`
-	Term            uint64 `json:"term"`
-	CommitIndex     uint64 `json:"commit_index"`
-	AppliedIndex    uint64 `json:"applied_index"`
-	FSMAppliedIndex uint64 `json:"fsm_applied_index"`
-	LastLogIndex    uint64 `json:"last_log_index"`
-	LeaderID        string `json:"leader_id"`
-	GateOpen        bool   `json:"gate_open"`
-	Targets         []struct {
-		Target  string `json:"target"`
-		MAC     string `json:"mac"`
-		Serving bool   `json:"serving"`
-	} `json:"targets"`
-	Transfer *struct {
-		Direction string `json:"direction"`
-		Bytes     int64  `json:"bytes"`
-		Total     int64  `json:"total"`
-		Done      bool   `json:"done"`
-		Error     string `json:"error"`
-	} `json:"transfer"`
-	FatalError string `json:"fatal_error"`
-}
-
-func (c *cluster) status(n *vnode) (*nodeStatus, error) {
-	resp, err := n.http.Get("http://vblade/v1/status")
-	if err != nil {
-		return nil, err
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != 200 {
-		return nil, fmt.Errorf("status %s", resp.Status)
-	}
-	var s nodeStatus
-	return &s, json.NewDecoder(resp.Body).Decode(&s)
+// writeConfig writes n's configuration with its data in dataDir.
+func (c *cluster) writeConfig(n *clustertest.Node, dataDir string) {
+	n.DataDir = dataDir
+	c.WriteConfig(n)
 }
 
 // clusterStatus is what `vbladectl cluster status --json` prints.
@@ -317,70 +92,14 @@ type clusterStatus struct {
 	} `json:"targets"`
 }
 
-func (c *cluster) clusterStatus(n *vnode) clusterStatus {
-	c.t.Helper()
-	out := c.mustCtl(n, "status", "--json")
+func (c *cluster) clusterStatus(n *clustertest.Node) clusterStatus {
+	c.T.Helper()
+	out := c.MustCtl(n, "status", "--json")
 	var s clusterStatus
 	if err := json.Unmarshal([]byte(out), &s); err != nil {
-		c.t.Fatalf("cluster status --json on %s: %v\n%s", n.id, err, out)
+		c.T.Fatalf("cluster status --json on %s: %v\n%s", n.ID, err, out)
 	}
 	return s
-}
-
-// waitLeader waits until exactly one running node leads with its gate open.
-func (c *cluster) waitLeader(not *vnode, timeout time.Duration) *vnode {
-	c.t.Helper()
-	deadline := time.Now().Add(timeout)
-	for {
-		var leaders []*vnode
-		for _, n := range c.running() {
-			if s, err := c.status(n); err == nil && s.State == "leader" && s.GateOpen {
-				leaders = append(leaders, n)
-			}
-		}
-		if len(leaders) == 1 && leaders[0] != not {
-			return leaders[0]
-		}
-		if time.Now().After(deadline) {
-			c.t.Fatalf("no single serving leader after %v (candidates %v)", timeout, ids(leaders))
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-}
-
-func ids(ns []*vnode) []string {
-	var s []string
-	for _, n := range ns {
-		s = append(s, n.id)
-	}
-	return s
-}
-
-// waitCaughtUp waits until n is a follower whose applied index reached the
-// leader's commit index as sampled when the wait started.
-func (c *cluster) waitCaughtUp(n *vnode, timeout time.Duration) (lag uint64, took time.Duration) {
-	c.t.Helper()
-	start := time.Now()
-	l := c.waitLeader(nil, 15*time.Second)
-	ls, err := c.status(l)
-	if err != nil {
-		c.t.Fatal(err)
-	}
-	want := ls.CommitIndex
-	for {
-		s, err := c.status(n)
-		if err == nil && s.InCluster && s.AppliedIndex >= want && s.FatalError == "" {
-			ls2, _ := c.status(l)
-			if ls2 != nil && ls2.CommitIndex > s.AppliedIndex {
-				lag = ls2.CommitIndex - s.AppliedIndex
-			}
-			return lag, time.Since(start)
-		}
-		if time.Since(start) > timeout {
-			c.t.Fatalf("%s did not catch up within %v: status %+v err %v (leader %s commit %d)", n.id, timeout, s, err, l.id, want)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
 }
 
 // ---------------------------------------------------------------- workload
@@ -683,9 +402,9 @@ func observe(t *testing.T, c *cluster) *observer {
 			}
 		}()
 	}
-	open("", c.lan.Root[0].Name, 0)
+	open("", c.LAN.Root[0].Name, 0)
 	for i := 1; i <= 4; i++ {
-		open(c.lan.BridgeNS, fmt.Sprintf("p%d", i), i)
+		open(c.LAN.BridgeNS, fmt.Sprintf("p%d", i), i)
 	}
 	o.wg.Add(1)
 	go func() {
@@ -699,9 +418,9 @@ func observe(t *testing.T, c *cluster) *observer {
 			case <-tk.C:
 			}
 			for i := 1; i <= 4; i++ {
-				n := c.nodes[i]
+				n := c.Node(i)
 				sent := time.Now()
-				s, err := c.status(n)
+				s, err := c.Status(n)
 				if err != nil {
 					continue
 				}

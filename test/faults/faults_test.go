@@ -36,6 +36,7 @@ import (
 	"time"
 
 	"github.com/vblade-ha/vblade-ha/aoe"
+	"github.com/vblade-ha/vblade-ha/internal/clustertest"
 )
 
 var (
@@ -208,7 +209,7 @@ func runFaults(t *testing.T, cfg runConfig) {
 	c.form()
 
 	// Initiators: one aoe.Client per root port, workers spread over them.
-	for _, rp := range c.lan.Root {
+	for _, rp := range c.LAN.Root {
 		cl, err := aoe.NewClient(rp.Name, aoe.ClientOptions{Follow: true, RequestTimeout: -1, MinRTO: *flagMinRTO, MaxRTO: max(500*time.Millisecond, *flagMinRTO)})
 		if err != nil {
 			t.Fatal(err)
@@ -249,12 +250,12 @@ func runFaults(t *testing.T, cfg runConfig) {
 	// Heal everything (the nemesis heals each fault itself; this also
 	// restarts anything left down), let the workload run on a healthy
 	// cluster for a moment, stop it, then read every block back.
-	for _, n := range c.nodes {
-		c.resume(n)
+	for _, n := range c.Nodes {
+		c.Resume(n)
 		_ = c.healRaft(n)
-		if !n.running() {
-			if err := c.start(n); err != nil {
-				r.problem("restart %s at the end: %v", n.id, err)
+		if !n.Running() {
+			if err := c.Start(n); err != nil {
+				r.problem("restart %s at the end: %v", n.ID, err)
 			}
 		}
 	}
@@ -356,10 +357,10 @@ func (r *run) dur(minMs, maxMs int) time.Duration {
 	return time.Duration(minMs+r.rng.IntN(maxMs-minMs+1)) * time.Millisecond
 }
 
-func (r *run) followers(l *vnode) []*vnode {
-	var fs []*vnode
-	for _, n := range r.c.nodes {
-		if n != l && n.running() {
+func (r *run) followers(l *clustertest.Node) []*clustertest.Node {
+	var fs []*clustertest.Node
+	for _, n := range r.c.Nodes {
+		if n != l && n.Running() {
 			fs = append(fs, n)
 		}
 	}
@@ -369,42 +370,42 @@ func (r *run) followers(l *vnode) []*vnode {
 // inject runs one fault from start to healed, then waits for recovery.
 func (r *run) inject(kind string) {
 	c := r.c
-	l := c.waitLeader(10 * time.Second)
+	l, _ := c.FindLeader(nil, 10*time.Second)
 	if l == nil {
 		r.problem("no serving leader before fault %s (evidence: %s)", kind, r.evidence())
 		return
 	}
 	f := fault{Kind: kind, Start: r.rec.now()}
-	var victims []*vnode
+	var victims []*clustertest.Node
 	switch kind {
 	case kKillLeader, kPauseLeader, kPartLeader, kCutInitiator, kLinkLeader:
-		victims = []*vnode{l}
+		victims = []*clustertest.Node{l}
 	case kKillFollower, kPauseFollower, kDiskFull:
 		fs := r.followers(l)
-		victims = []*vnode{fs[r.rng.IntN(len(fs))]}
+		victims = []*clustertest.Node{fs[r.rng.IntN(len(fs))]}
 	case kPartMinority:
-		perm := r.rng.Perm(len(c.nodes))
-		for _, i := range perm[:(len(c.nodes)-1)/2] {
-			victims = append(victims, c.nodes[i])
+		perm := r.rng.Perm(len(c.Nodes))
+		for _, i := range perm[:(len(c.Nodes)-1)/2] {
+			victims = append(victims, c.Nodes[i])
 		}
 	}
 	for _, v := range victims {
-		f.Nodes = append(f.Nodes, v.id)
+		f.Nodes = append(f.Nodes, v.ID)
 	}
-	r.logf("FAULT %d %s on %v (leader %s)", len(r.faults)+1, kind, f.Nodes, l.id)
+	r.logf("FAULT %d %s on %v (leader %s)", len(r.faults)+1, kind, f.Nodes, l.ID)
 	var err error
 	switch kind {
 	case kKillLeader, kKillFollower:
 		v := victims[0]
-		c.kill(v, syscall.SIGKILL)
+		c.Stop(v, syscall.SIGKILL)
 		time.Sleep(r.dur(300, 2500))
 		f.Healed = r.rec.now()
-		err = c.start(v)
+		err = c.Start(v)
 	case kPauseLeader, kPauseFollower:
 		v := victims[0]
-		if err = c.pause(v); err == nil {
+		if err = c.Pause(v); err == nil {
 			time.Sleep(r.dur(1000, 3000)) // > election timeout (500 ms)
-			c.resume(v)
+			c.Resume(v)
 		}
 		f.Healed = r.rec.now()
 	case kPartLeader:
@@ -415,8 +416,8 @@ func (r *run) inject(kind string) {
 		}
 		f.Healed = r.rec.now()
 	case kPartMinority:
-		var majority []*vnode
-		for _, n := range c.nodes {
+		var majority []*clustertest.Node
+		for _, n := range c.Nodes {
 			if !slices.Contains(victims, n) {
 				majority = append(majority, n)
 			}
@@ -446,9 +447,9 @@ func (r *run) inject(kind string) {
 		f.Healed = r.rec.now()
 	case kLinkLeader:
 		v := victims[0]
-		c.lan.LinkDown(v.host.NS)
+		c.LAN.LinkDown(v.NS)
 		time.Sleep(r.dur(1500, 3000))
-		c.lan.LinkUp(v.host.NS)
+		c.LAN.LinkUp(v.NS)
 		f.Healed = r.rec.now()
 	case kDiskFull:
 		f.Note, err = r.diskFull(victims[0])
@@ -471,7 +472,7 @@ func (r *run) inject(kind string) {
 // diskFull fills follower v's image filesystem, writes probe blocks to pages
 // v has never allocated, and expects v to stop applying with a clear ENOSPC
 // message while the cluster carries on; then frees the space and restarts v.
-func (r *run) diskFull(v *vnode) (string, error) {
+func (r *run) diskFull(v *clustertest.Node) (string, error) {
 	c := r.c
 	const n = 3
 	if r.probes+n > maxProbes {
@@ -480,7 +481,7 @@ func (r *run) diskFull(v *vnode) (string, error) {
 	first := r.probes
 	r.probes += n
 	if err := punchHoles(v, probeBase+int64(first)*probeStep, n*probeStep); err != nil {
-		return "", fmt.Errorf("punch holes in %s: %w", v.img, err)
+		return "", fmt.Errorf("punch holes in %s: %w", v.Img, err)
 	}
 	filled, err := fill(v)
 	if err != nil {
@@ -497,7 +498,7 @@ func (r *run) diskFull(v *vnode) (string, error) {
 	var msg string
 	deadline := time.Now().Add(15 * time.Second)
 	for time.Now().Before(deadline) {
-		if s, err := c.status(v); err == nil && s.FatalError != "" {
+		if s, err := c.Status(v); err == nil && s.FatalError != "" {
 			msg = s.FatalError
 			break
 		}
@@ -509,20 +510,20 @@ func (r *run) diskFull(v *vnode) (string, error) {
 	switch {
 	case msg == "":
 		r.problem("disk-full on %s: no fatal_error in its status 15 s after writes to unallocated pages of a full filesystem (log lines: %v)",
-			v.id, c.grepLogs(5, "no space", "ENOSPC", v.id+" "))
+			v.ID, c.grepLogs(5, "no space", "ENOSPC", v.ID+" "))
 	case !strings.Contains(msg, "no space left on device"):
-		r.problem("disk-full on %s: the fatal error does not say the disk is full: %q", v.id, msg)
+		r.problem("disk-full on %s: the fatal error does not say the disk is full: %q", v.ID, msg)
 	default:
-		r.logf("%s stopped applying: %s", v.id, msg)
+		r.logf("%s stopped applying: %s", v.ID, msg)
 	}
 	if !progress {
-		r.problem("disk-full on %s: the cluster made no progress while %s was out", v.id, v.id)
+		r.problem("disk-full on %s: the cluster made no progress while %s was out", v.ID, v.ID)
 	}
 	if err := unfill(v); err != nil {
 		return note, err
 	}
-	c.kill(v, syscall.SIGTERM)
-	return note, c.start(v)
+	c.Stop(v, syscall.SIGTERM)
+	return note, c.Start(v)
 }
 
 func (r *run) okCount() int {
@@ -538,10 +539,10 @@ func (r *run) okCount() int {
 // evidence summarises every node's status and the tail of its log.
 func (r *run) evidence() string {
 	var b strings.Builder
-	for _, n := range r.c.nodes {
-		s, err := r.c.status(n)
+	for _, n := range r.c.Nodes {
+		s, err := r.c.Status(n)
 		js, _ := json.Marshal(s)
-		fmt.Fprintf(&b, "\n  %s running=%v status=%s err=%v", n.id, n.running(), js, err)
+		fmt.Fprintf(&b, "\n  %s running=%v status=%s err=%v", n.ID, n.Running(), js, err)
 	}
 	return b.String()
 }
@@ -659,7 +660,7 @@ func (r *run) saveArtifacts(hist []op) {
 	r.tlMu.Lock()
 	_ = os.WriteFile(filepath.Join(r.artDir, "timeline.log"), []byte(strings.Join(r.timeline, "\n")+"\n"), 0o644)
 	r.tlMu.Unlock()
-	if r.c != nil && r.c.lan != nil {
+	if r.c != nil && r.c.LAN != nil {
 		r.c.copyLogs(r.artDir)
 	}
 }

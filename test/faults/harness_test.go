@@ -11,24 +11,19 @@ package faults
 // addresses; every nft rule lives in a namespace of the run.
 
 import (
-	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"net"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/vblade-ha/vblade-ha/internal/clustertest"
 	"github.com/vblade-ha/vblade-ha/internal/netlab"
 )
 
@@ -37,104 +32,20 @@ const (
 	slotNo   = 0
 	imgSize  = 8 << 20  // sparse image on the node's tmpfs
 	fsSize   = 12 << 20 // the tmpfs holding it
-	raftPort = 7000
+	raftPort = clustertest.RaftPort
 )
-
-// ---------------------------------------------------------------- binaries
-
-type binaries struct{ vblade, vbladectl string }
-
-var (
-	buildOnce sync.Once
-	buildRes  binaries
-	buildErr  error
-)
-
-func repoRoot() string {
-	_, file, _, _ := runtime.Caller(0)
-	return filepath.Clean(filepath.Join(filepath.Dir(file), "..", ".."))
-}
-
-// buildBinaries builds ./cmd/vblade and ./cmd/vbladectl once per test binary
-// (VBHA_BIN_DIR uses prebuilt ones).
-func buildBinaries(t *testing.T) binaries {
-	t.Helper()
-	buildOnce.Do(func() {
-		if d := os.Getenv("VBHA_BIN_DIR"); d != "" {
-			buildRes = binaries{filepath.Join(d, "vblade"), filepath.Join(d, "vbladectl")}
-			return
-		}
-		dir, err := os.MkdirTemp("", "vbha-faults-bin-")
-		if err != nil {
-			buildErr = err
-			return
-		}
-		cmd := exec.Command("go", "build", "-o", dir+string(os.PathSeparator), "./cmd/vblade", "./cmd/vbladectl")
-		cmd.Dir = repoRoot()
-		if out, err := cmd.CombinedOutput(); err != nil {
-			buildErr = fmt.Errorf("go build ./cmd/vblade ./cmd/vbladectl: %v\n%s", err, out)
-			return
-		}
-		buildRes = binaries{filepath.Join(dir, "vblade"), filepath.Join(dir, "vbladectl")}
-	})
-	if buildErr != nil {
-		t.Fatal(buildErr)
-	}
-	return buildRes
-}
 
 // ---------------------------------------------------------------- nodes
 
-type vnode struct {
-	idx      int
-	id       string
-	host     *netlab.Host
-	raftAddr string
-	sock     string
-	cfgPath  string
-	dataDir  string
-	fsDir    string // tmpfs mount point holding the image
-	img      string
-	filler   string // file that fills fsDir (disk-full fault)
-	http     *http.Client
-
-	mu     sync.Mutex
-	cmd    *exec.Cmd
-	paused bool
-}
-
-func (n *vnode) running() bool {
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	return n.cmd != nil && !n.paused
-}
-
 type cluster struct {
-	t      *testing.T
-	lan    *netlab.LAN
-	bins   binaries
-	dir    string
-	nodes  []*vnode
-	mode   string
-	subnet int
-	tls    string                           // directory of `vbladectl cluster certs` output ("": no peer authentication)
-	logf   func(format string, args ...any) // timeline log (also kept as an artefact)
+	*clustertest.Cluster
+	logf func(format string, args ...any) // timeline log (also kept as an artefact)
 }
 
-// nodeStatus is the part of GET /v1/status the suite reads.
-type nodeStatus struct {
-	ID           string `json:"id"`
-	InCluster    bool   `json:"in_cluster"`
-	State        string `json:"state"`
-	Suffrage     string `json:"suffrage"`
-	Term         uint64 `json:"term"`
-	CommitIndex  uint64 `json:"commit_index"`
-	AppliedIndex uint64 `json:"applied_index"`
-	LastLogIndex uint64 `json:"last_log_index"`
-	LeaderID     string `json:"leader_id"`
-	GateOpen     bool   `json:"gate_open"`
-	FatalError   string `json:"fatal_error"`
-}
+// fsDir is the tmpfs mount point holding n's image; filler the file that
+// fills it (disk-full fault).
+func fsDir(n *clustertest.Node) string  { return filepath.Dir(n.Img) }
+func filler(n *clustertest.Node) string { return filepath.Join(fsDir(n), "filler") }
 
 // mountTmpfs mounts a tmpfs of size bytes on dir and registers its unmount.
 // Called before netlab.New, so the unmount runs after the LAN killed the
@@ -153,255 +64,63 @@ func mountTmpfs(t *testing.T, dir string, size int) {
 	})
 }
 
+// newCluster builds the LAN (size nodes, roots root ports) with every
+// node's image on a tmpfs of its own and mutual TLS between the nodes (the
+// default for new clusters, so the suite runs what operators run).
 func newCluster(t *testing.T, size, subnet int, mode string, roots int, logf func(string, ...any)) *cluster {
 	t.Helper()
 	netlab.RequireRoot(t)
 	if _, err := exec.LookPath("nft"); err != nil {
 		t.Fatalf("the fault suite needs nft (Debian package nftables: apt-get install -y nftables) for its partitions: %v", err)
 	}
-	c := &cluster{t: t, bins: buildBinaries(t), dir: t.TempDir(), mode: mode, subnet: subnet, logf: logf}
+	dir := t.TempDir()
 	for i := 1; i <= size; i++ {
-		mountTmpfs(t, filepath.Join(c.dir, fmt.Sprintf("n%d-fs", i)), fsSize)
+		mountTmpfs(t, filepath.Join(dir, fmt.Sprintf("n%d-fs", i)), fsSize)
 	}
-	c.lan = netlab.New(t, netlab.Options{Hosts: size, RootPorts: roots, Subnet: subnet})
-	c.peerAuth(size)
-	for i := 1; i <= size; i++ {
-		h := c.lan.Host(i)
-		n := &vnode{idx: i, id: fmt.Sprintf("n%d", i), host: h,
-			raftAddr: fmt.Sprintf("%s:%d", h.IP(), raftPort),
-			sock:     filepath.Join(c.dir, fmt.Sprintf("n%d.sock", i)),
-			dataDir:  filepath.Join(c.dir, fmt.Sprintf("n%d.data", i)),
-			fsDir:    filepath.Join(c.dir, fmt.Sprintf("n%d-fs", i)),
-		}
-		n.img = filepath.Join(n.fsDir, "disk.img")
-		n.filler = filepath.Join(n.fsDir, "filler")
-		sock := n.sock
-		n.http = &http.Client{Timeout: 1500 * time.Millisecond, Transport: &http.Transport{
-			DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-				return (&net.Dialer{}).DialContext(ctx, "unix", sock)
-			}}}
-		c.nodes = append(c.nodes, n)
-		f, err := os.Create(n.img)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := f.Truncate(imgSize); err != nil {
-			t.Fatal(err)
-		}
-		f.Close()
-		c.writeConfig(n)
+	c := &cluster{logf: logf, Cluster: clustertest.New(t, clustertest.Options{
+		Nodes: size, RootPorts: roots, Subnet: subnet, Dir: dir,
+		StatusTimeout: 1500 * time.Millisecond, DumpLines: -1, // a failed run keeps the logs as artefacts
+		Config: clustertest.Config{
+			ClusterName: fmt.Sprintf("vbha-faults-%d", subnet), MACMode: mode, LogLevel: "info", TLS: true,
+			Extra: "snapshot_interval = \"5s\"\nsnapshot_threshold = 2000\ntrailing_logs = 1000\n",
+			Shelf: shelf, Slot: slotNo, Bufcnt: 16,
+		},
+	})}
+	for _, n := range c.Nodes {
+		c.WriteImage(n, filepath.Join(dir, n.ID+"-fs", "disk.img"), nil, imgSize)
+		c.WriteConfig(n)
 	}
 	return c
 }
 
-// peerAuth creates a CA, node certificates and a join token with `vbladectl
-// cluster certs` when this tree has it (mTLS is the default for new
-// clusters), so the suite runs the configuration operators run.
-func (c *cluster) peerAuth(size int) {
-	if out, err := exec.Command(c.bins.vbladectl, "cluster", "certs", "--help").CombinedOutput(); err != nil {
-		c.logf("vbladectl has no `cluster certs` (%v: %s): nodes run without peer authentication", err, tail(string(out), 1))
-		return
-	}
-	dir := filepath.Join(c.dir, "pki")
-	var ids, hosts []string
-	for i := 1; i <= size; i++ {
-		ids = append(ids, fmt.Sprintf("n%d", i))
-		hosts = append(hosts, c.lan.Host(i).IP().String())
-	}
-	out, err := exec.Command(c.bins.vbladectl, "cluster", "certs", "--dir", dir, "--nodes", strings.Join(ids, ","),
-		"--hosts", strings.Join(hosts, ","), "--cluster", fmt.Sprintf("vbha-faults-%d", c.subnet)).CombinedOutput()
-	if err != nil {
-		c.t.Fatalf("vbladectl cluster certs: %v\n%s", err, out)
-	}
-	c.tls = dir
-}
-
-func (c *cluster) tlsLines(n *vnode) string {
-	if c.tls == "" {
-		return ""
-	}
-	dir := c.tls
-	return fmt.Sprintf("tls_ca = %q\ntls_cert = %q\ntls_key = %q\njoin_token_file = %q\n",
-		filepath.Join(dir, "ca.crt"), filepath.Join(dir, n.id+".crt"), filepath.Join(dir, n.id+".key"), filepath.Join(dir, "join-token"))
-}
-
-func (c *cluster) writeConfig(n *vnode) {
-	n.cfgPath = filepath.Join(c.dir, n.id+".toml")
-	cfg := fmt.Sprintf(`node_id = %q
-data_dir = %q
-raft_addr = %q
-admin_socket = %q
-mac_mode = %q
-cluster_name = "vbha-faults-%d"
-log_level = "info"
-snapshot_interval = "5s"
-snapshot_threshold = 2000
-trailing_logs = 1000
-%s
-[[export]]
-shelf = %d
-slot = %d
-netif = %q
-path = %q
-bufcnt = 16
-`, n.id, n.dataDir, n.raftAddr, n.sock, c.mode, c.subnet, c.tlsLines(n), shelf, slotNo, n.host.If, n.img)
-	if err := os.WriteFile(n.cfgPath, []byte(cfg), 0o600); err != nil {
-		c.t.Fatal(err)
-	}
-}
-
-// start runs `vblade node -c FILE` in n's namespace and waits for its admin
-// socket (15 s).
-func (c *cluster) start(n *vnode) error {
-	cmd, err := c.lan.TryStart(n.host.NS, c.bins.vblade, "node", "-c", n.cfgPath)
-	if err != nil {
-		return err
-	}
-	n.mu.Lock()
-	n.cmd, n.paused = cmd, false
-	n.mu.Unlock()
-	deadline := time.Now().Add(15 * time.Second)
-	for {
-		if _, err := c.status(n); err == nil {
-			return nil
-		}
-		if ex, werr := c.lan.Exited(cmd); ex {
-			_, se := c.lan.Output(cmd)
-			n.mu.Lock()
-			n.cmd = nil
-			n.mu.Unlock()
-			return fmt.Errorf("%s exited at start (%v): %s", n.id, werr, tail(se, 20))
-		}
-		if time.Now().After(deadline) {
-			_, se := c.lan.Output(cmd)
-			return fmt.Errorf("%s: admin socket %s never answered: %s", n.id, n.sock, tail(se, 20))
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-}
-
-// kill stops n with sig (by PID; SIGKILL is a crash) and waits for it.
-func (c *cluster) kill(n *vnode, sig syscall.Signal) {
-	n.mu.Lock()
-	cmd, paused := n.cmd, n.paused
-	n.cmd, n.paused = nil, false
-	n.mu.Unlock()
-	if cmd == nil {
-		return
-	}
-	if paused {
-		_ = cmd.Process.Signal(syscall.SIGCONT)
-	}
-	c.lan.Stop(cmd, sig)
-}
-
-// pause SIGSTOPs n (by PID); resume SIGCONTs it.
-func (c *cluster) pause(n *vnode) error {
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	if n.cmd == nil {
-		return errors.New("not running")
-	}
-	n.paused = true
-	return n.cmd.Process.Signal(syscall.SIGSTOP)
-}
-
-func (c *cluster) resume(n *vnode) {
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	if n.cmd != nil && n.paused {
-		_ = n.cmd.Process.Signal(syscall.SIGCONT)
-	}
-	n.paused = false
-}
-
-// ctl runs `vbladectl cluster SUB --socket S ARGS...` in n's namespace.
-func (c *cluster) ctl(n *vnode, sub string, args ...string) (string, error) {
-	a := append([]string{c.bins.vbladectl, "cluster", sub, "--socket", n.sock}, args...)
-	out, err := c.lan.Exec(n.host.NS, a...)
-	return string(out), err
-}
-
-func (c *cluster) status(n *vnode) (*nodeStatus, error) {
-	resp, err := n.http.Get("http://vblade/v1/status")
-	if err != nil {
-		return nil, err
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != 200 {
-		return nil, fmt.Errorf("status %s", resp.Status)
-	}
-	var s nodeStatus
-	return &s, json.NewDecoder(resp.Body).Decode(&s)
-}
-
-// statuses polls every running, unpaused node.
-func (c *cluster) statuses() map[*vnode]*nodeStatus {
-	out := map[*vnode]*nodeStatus{}
-	var mu sync.Mutex
-	var wg sync.WaitGroup
-	for _, n := range c.nodes {
-		if !n.running() {
-			continue
-		}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			if s, err := c.status(n); err == nil {
-				mu.Lock()
-				out[n] = s
-				mu.Unlock()
-			}
-		}()
-	}
-	wg.Wait()
-	return out
-}
-
-// leader returns the one running node that leads with its gate open, or nil.
-func (c *cluster) leader() *vnode {
-	var ls []*vnode
-	for n, s := range c.statuses() {
-		if s.State == "leader" && s.GateOpen {
-			ls = append(ls, n)
-		}
-	}
-	if len(ls) == 1 {
-		return ls[0]
-	}
-	return nil
-}
-
-func (c *cluster) waitLeader(timeout time.Duration) *vnode {
-	deadline := time.Now().Add(timeout)
-	for {
-		if l := c.leader(); l != nil {
-			return l
-		}
-		if time.Now().After(deadline) {
-			return nil
-		}
-		time.Sleep(50 * time.Millisecond)
+// form starts every node, initialises the cluster on n1, joins the rest and
+// waits until every node caught up.
+func (c *cluster) form() {
+	c.Form()
+	if d, err := c.waitHealthy(60 * time.Second); err != nil {
+		c.T.Fatalf("cluster of %d did not form: %v", len(c.Nodes), err)
+	} else {
+		c.logf("cluster of %d formed (%v to catch up)", len(c.Nodes), d.Round(time.Millisecond))
 	}
 }
 
 // healthy reports whether every node runs, is in the cluster without a fatal
 // error, one leader serves, and every follower applied at least upTo.
 func (c *cluster) healthy(upTo uint64) (bool, string, uint64) {
-	st := c.statuses()
+	st := c.Statuses()
 	var why []string
-	var leader *nodeStatus
-	for _, n := range c.nodes {
+	var leader *clustertest.Status
+	for _, n := range c.Nodes {
 		s := st[n]
 		switch {
-		case !n.running():
-			why = append(why, n.id+" not running")
+		case !n.Running():
+			why = append(why, n.ID+" not running")
 		case s == nil:
-			why = append(why, n.id+" status unanswered")
+			why = append(why, n.ID+" status unanswered")
 		case !s.InCluster:
-			why = append(why, n.id+" not in cluster")
+			why = append(why, n.ID+" not in cluster")
 		case s.FatalError != "":
-			why = append(why, n.id+" fatal: "+s.FatalError)
+			why = append(why, n.ID+" fatal: "+s.FatalError)
 		case s.State == "leader" && s.GateOpen:
 			if leader != nil {
 				why = append(why, "two serving leaders")
@@ -412,9 +131,9 @@ func (c *cluster) healthy(upTo uint64) (bool, string, uint64) {
 	if leader == nil {
 		why = append(why, "no serving leader")
 	} else {
-		for _, n := range c.nodes {
+		for _, n := range c.Nodes {
 			if s := st[n]; s != nil && s.AppliedIndex < upTo {
-				why = append(why, fmt.Sprintf("%s applied %d < %d", n.id, s.AppliedIndex, upTo))
+				why = append(why, fmt.Sprintf("%s applied %d < %d", n.ID, s.AppliedIndex, upTo))
 			}
 		}
 	}
@@ -447,42 +166,6 @@ func (c *cluster) waitHealthy(timeout time.Duration) (time.Duration, error) {
 	return time.Since(start), fmt.Errorf("cluster not healthy after %v: %s", timeout, why)
 }
 
-// form starts every node, initialises the cluster on n1 and joins the rest.
-func (c *cluster) form() {
-	t := c.t
-	for _, n := range c.nodes {
-		if err := c.start(n); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if out, err := c.ctl(c.nodes[0], "init"); err != nil {
-		t.Fatalf("vbladectl cluster init: %v\n%s", err, out)
-	}
-	if c.waitLeader(15*time.Second) == nil {
-		t.Fatal("no leader 15 s after init")
-	}
-	for _, n := range c.nodes[1:] {
-		ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
-		out, err := runIn(ctx, c.lan, n.host.NS, c.bins.vbladectl, "cluster", "join", "--socket", n.sock, "--timeout", "60s", c.nodes[0].raftAddr)
-		cancel()
-		if err != nil {
-			t.Fatalf("vbladectl cluster join on %s: %v\n%s", n.id, err, out)
-		}
-	}
-	if d, err := c.waitHealthy(60 * time.Second); err != nil {
-		t.Fatalf("cluster of %d did not form: %v", len(c.nodes), err)
-	} else {
-		c.logf("cluster of %d formed (%v to catch up)", len(c.nodes), d.Round(time.Millisecond))
-	}
-}
-
-// runIn is netlab's Exec with a caller-chosen bound (join can take longer
-// than Exec's 30 s when a full image travels).
-func runIn(ctx context.Context, _ *netlab.LAN, ns string, args ...string) ([]byte, error) {
-	a := append([]string{"ip", "netns", "exec", ns}, args...)
-	return exec.CommandContext(ctx, a[0], a[1:]...).CombinedOutput()
-}
-
 // ---------------------------------------------------------------- packet filters
 
 // nft loads a ruleset into namespace ns.
@@ -497,7 +180,7 @@ func (c *cluster) nft(ns, ruleset string) error {
 }
 
 func (c *cluster) nftDelete(ns, family, table string) error {
-	out, err := c.lan.Exec(ns, "nft", "delete", "table", family, table)
+	out, err := c.LAN.Exec(ns, "nft", "delete", "table", family, table)
 	if err != nil && !strings.Contains(string(out), "No such file") {
 		return fmt.Errorf("nft delete table %s %s in %s: %v: %s", family, table, ns, err, out)
 	}
@@ -508,12 +191,12 @@ func (c *cluster) nftDelete(ns, family, table string) error {
 // to and from the given peers (all peers when nil), inside its namespace.
 // AoE frames are untouched: a node cut off this way still hears the
 // initiator, which is the lease's hardest case.
-func (c *cluster) isolateRaft(n *vnode, peers []*vnode) error {
+func (c *cluster) isolateRaft(n *clustertest.Node, peers []*clustertest.Node) error {
 	match := ""
 	if peers != nil {
 		var ips []string
 		for _, p := range peers {
-			ips = append(ips, p.host.IP().String())
+			ips = append(ips, p.Host.IP().String())
 		}
 		set := "{ " + strings.Join(ips, ", ") + " }"
 		match = "ip saddr " + set + " "
@@ -523,40 +206,40 @@ func (c *cluster) isolateRaft(n *vnode, peers []*vnode) error {
 }
 `, set, set)
 		_ = match
-		return c.nft(n.host.NS, rs)
+		return c.nft(n.NS, rs)
 	}
 	rs := fmt.Sprintf(`table inet vbfaults {
   chain vbin { type filter hook input priority 0; policy accept; tcp dport %d drop; tcp sport %d drop; }
   chain vbout { type filter hook output priority 0; policy accept; tcp dport %d drop; tcp sport %d drop; }
 }
 `, raftPort, raftPort, raftPort, raftPort)
-	return c.nft(n.host.NS, rs)
+	return c.nft(n.NS, rs)
 }
 
-func (c *cluster) healRaft(n *vnode) error { return c.nftDelete(n.host.NS, "inet", "vbfaults") }
+func (c *cluster) healRaft(n *clustertest.Node) error { return c.nftDelete(n.NS, "inet", "vbfaults") }
 
 // cutInitiators drops every frame between node n's bridge port and the given
 // root ports, in the bridge namespace (the LAN's switch).
-func (c *cluster) cutInitiators(n *vnode, roots []int) error {
+func (c *cluster) cutInitiators(n *clustertest.Node, roots []int) error {
 	var rules []string
 	for _, r := range roots {
 		rules = append(rules,
-			fmt.Sprintf(`iifname "p%d" oifname "r%d" drop`, n.idx, r),
-			fmt.Sprintf(`iifname "r%d" oifname "p%d" drop`, r, n.idx))
+			fmt.Sprintf(`iifname "p%d" oifname "r%d" drop`, n.Index, r),
+			fmt.Sprintf(`iifname "r%d" oifname "p%d" drop`, r, n.Index))
 	}
 	rs := fmt.Sprintf("table bridge vbfaults {\n  chain vbfwd { type filter hook forward priority 0; policy accept; %s; }\n}\n", strings.Join(rules, "; "))
-	return c.nft(c.lan.BridgeNS, rs)
+	return c.nft(c.LAN.BridgeNS, rs)
 }
 
-func (c *cluster) healInitiators() error { return c.nftDelete(c.lan.BridgeNS, "bridge", "vbfaults") }
+func (c *cluster) healInitiators() error { return c.nftDelete(c.LAN.BridgeNS, "bridge", "vbfaults") }
 
 // ---------------------------------------------------------------- disks
 
 // punchHoles deallocates [off, off+length) of n's image (content stays
 // zero: the suite only punches pages no write ever touched), so a write
 // there needs a new tmpfs page.
-func punchHoles(n *vnode, off, length int64) error {
-	f, err := os.OpenFile(n.img, os.O_RDWR, 0)
+func punchHoles(n *clustertest.Node, off, length int64) error {
+	f, err := os.OpenFile(n.Img, os.O_RDWR, 0)
 	if err != nil {
 		return err
 	}
@@ -566,8 +249,8 @@ func punchHoles(n *vnode, off, length int64) error {
 
 // fill writes a filler file on n's tmpfs until it is full (bounded by the
 // tmpfs size).
-func fill(n *vnode) (int64, error) {
-	f, err := os.OpenFile(n.filler, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
+func fill(n *clustertest.Node) (int64, error) {
+	f, err := os.OpenFile(filler(n), os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
 	if err != nil {
 		return 0, err
 	}
@@ -587,11 +270,11 @@ func fill(n *vnode) (int64, error) {
 			return total, err
 		}
 	}
-	return total, fmt.Errorf("tmpfs %s never filled after %d bytes", n.fsDir, total)
+	return total, fmt.Errorf("tmpfs %s never filled after %d bytes", fsDir(n), total)
 }
 
-func unfill(n *vnode) error {
-	err := os.Remove(n.filler)
+func unfill(n *clustertest.Node) error {
+	err := os.Remove(filler(n))
 	if errors.Is(err, os.ErrNotExist) {
 		return nil
 	}
@@ -600,17 +283,9 @@ func unfill(n *vnode) error {
 
 // ---------------------------------------------------------------- logs
 
-func tail(s string, n int) string {
-	lines := strings.Split(strings.TrimSpace(s), "\n")
-	if len(lines) > n {
-		lines = lines[len(lines)-n:]
-	}
-	return strings.Join(lines, "\n")
-}
-
 // copyLogs copies the node logs (netlab's log directory) into dir.
 func (c *cluster) copyLogs(dir string) {
-	files, _ := filepath.Glob(filepath.Join(c.lan.LogDir(), "*"))
+	files, _ := filepath.Glob(filepath.Join(c.LAN.LogDir(), "*"))
 	for _, f := range files {
 		b, err := os.ReadFile(f)
 		if err != nil || len(b) == 0 {
@@ -624,7 +299,7 @@ func (c *cluster) copyLogs(dir string) {
 // max of them, prefixed with the file name.
 func (c *cluster) grepLogs(max int, words ...string) []string {
 	var out []string
-	files, _ := filepath.Glob(filepath.Join(c.lan.LogDir(), "*vblade*.stderr"))
+	files, _ := filepath.Glob(filepath.Join(c.LAN.LogDir(), "*vblade*.stderr"))
 	for _, f := range files {
 		b, _ := os.ReadFile(f)
 		for _, l := range strings.Split(string(b), "\n") {

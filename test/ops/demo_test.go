@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vblade-ha/vblade-ha/internal/clustertest"
 	"github.com/vblade-ha/vblade-ha/internal/netlab"
 )
 
@@ -46,10 +47,10 @@ type demoExit struct {
 func startDemo(t *testing.T, ns string) (*exec.Cmd, *lockedBuffer, *demoExit) {
 	t.Helper()
 	netlab.RequireRoot(t)
-	bins := buildBinaries(t)
+	bins := clustertest.Build(t)
 	out := &lockedBuffer{}
-	cmd := exec.Command("bash", filepath.Join(repoRoot(), "ops", "demo", "demo.sh"))
-	cmd.Env = append(os.Environ(), "DEMO_BIN="+filepath.Dir(bins.vblade), "DEMO_NS="+ns)
+	cmd := exec.Command("bash", filepath.Join(clustertest.RepoRoot(), "ops", "demo", "demo.sh"))
+	cmd.Env = append(os.Environ(), "DEMO_BIN="+filepath.Dir(bins.Vblade), "DEMO_NS="+ns)
 	cmd.Stdout, cmd.Stderr = out, out
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {

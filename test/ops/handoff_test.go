@@ -19,28 +19,28 @@ import (
 func TestSIGTERMHandsLeadershipOver(t *testing.T) {
 	c := newCluster(t, 3, 211, 32<<20, "")
 	leader := c.form()
-	ls, err := c.status(leader)
+	ls, err := c.Status(leader)
 	if err != nil {
 		t.Fatal(err)
 	}
 	base := ls.CommitIndex
-	t.Logf("cluster formed: leader %s, term %d", leader.id, ls.Term)
+	t.Logf("cluster formed: leader %s, term %d", leader.ID, ls.Term)
 
 	// The workload: mixed reads and writes, every read checked against the
 	// last acknowledged write, bounded in time so the test is too.
 	const workload = 8 * time.Second
-	bench := c.lan.Start(c.ini.NS, c.bins.vbladectl, "bench", "-i", c.ini.If, "-t", "1.0",
+	bench := c.LAN.Start(c.ini.NS, c.Bins.Vbladectl, "bench", "-i", c.ini.If, "-t", "1.0",
 		"-mode", "mixed", "-verify", "-follow", "-window", "8", "-span", "2097152",
 		"-duration", workload.String(), "-json")
 
 	// Under way once writes go through Raft.
 	deadline := time.Now().Add(15 * time.Second)
 	for {
-		if s, err := c.status(leader); err == nil && s.CommitIndex > base+50 {
+		if s, err := c.Status(leader); err == nil && s.CommitIndex > base+50 {
 			break
 		}
-		if ex, _ := c.lan.Exited(bench); ex {
-			_, se := c.lan.Output(bench)
+		if ex, _ := c.LAN.Exited(bench); ex {
+			_, se := c.LAN.Output(bench)
 			t.Fatalf("bench exited before the workload got going:\n%s", se)
 		}
 		if time.Now().After(deadline) {
@@ -52,28 +52,28 @@ func TestSIGTERMHandsLeadershipOver(t *testing.T) {
 	time.Sleep(time.Second)
 
 	sent := time.Now()
-	if err := leader.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+	if err := leader.Cmd().Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
-	next := c.waitLeader(leader, 10*time.Second)
+	next := c.WaitLeader(leader, 10*time.Second)
 	handoff := time.Since(sent)
-	exited, werr := c.lan.Wait(leader.cmd, 30*time.Second)
+	exited, werr := c.LAN.Wait(leader.Cmd(), 30*time.Second)
 	exitAfter := time.Since(sent)
 	if !exited {
-		t.Fatalf("%s still running 30 s after SIGTERM", leader.id)
+		t.Fatalf("%s still running 30 s after SIGTERM", leader.ID)
 	}
 	if werr != nil {
-		t.Errorf("%s exited with %v after SIGTERM, want status 0", leader.id, werr)
+		t.Errorf("%s exited with %v after SIGTERM, want status 0", leader.ID, werr)
 	}
-	_, stderr := c.lan.Output(leader.cmd)
+	_, stderr := c.LAN.Output(leader.Cmd())
 	if strings.Contains(stderr, "leadership transfer before shutdown failed") {
-		t.Errorf("%s did not hand leadership over:\n%s", leader.id, stderr)
+		t.Errorf("%s did not hand leadership over:\n%s", leader.ID, stderr)
 	}
 
-	if ex, _ := c.lan.Wait(bench, workload+30*time.Second); !ex {
+	if ex, _ := c.LAN.Wait(bench, workload+30*time.Second); !ex {
 		t.Fatal("bench did not finish")
 	}
-	out, se := c.lan.Output(bench)
+	out, se := c.LAN.Output(bench)
 	var r benchResult
 	if err := json.Unmarshal([]byte(out), &r); err != nil {
 		t.Fatalf("bench output is not JSON (%v):\nstdout %s\nstderr %s", err, out, se)
@@ -81,7 +81,7 @@ func TestSIGTERMHandsLeadershipOver(t *testing.T) {
 	stall := time.Duration(r.StallMs * float64(time.Millisecond))
 	t.Logf("RESULT sigterm-handoff %s -> %s: SIGTERM at %s, new leader serving %v later, old process exited after %v; "+
 		"workload ops=%d reads=%d writes=%d verified=%d errors=%d mismatches=%d retransmits=%d longest-stall=%v (%s .. %s)",
-		leader.id, next.id, sent.UTC().Format(time.RFC3339Nano), handoff.Round(time.Millisecond), exitAfter.Round(time.Millisecond),
+		leader.ID, next.ID, sent.UTC().Format(time.RFC3339Nano), handoff.Round(time.Millisecond), exitAfter.Round(time.Millisecond),
 		r.Ops, r.Reads, r.Writes, r.Verified, r.Errors, r.Mismatches, r.Retransmits, stall.Round(time.Millisecond),
 		r.StallStart, r.StallEnd)
 	if r.Errors != 0 || r.Mismatches != 0 {

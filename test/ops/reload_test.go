@@ -7,6 +7,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/vblade-ha/vblade-ha/internal/clustertest"
 )
 
 // TestSIGHUPReload edits the configuration of a running cluster's leader and
@@ -16,44 +18,44 @@ import (
 func TestSIGHUPReload(t *testing.T) {
 	c := newCluster(t, 3, 212, 32<<20, "")
 	leader := c.form()
-	var follower *vnode
-	for _, v := range c.nodes {
+	var follower *clustertest.Node
+	for _, v := range c.Nodes {
 		if v != leader {
 			follower = v
 			break
 		}
 	}
-	edit := func(v *vnode) {
-		b, err := os.ReadFile(v.cfgPath)
+	edit := func(v *clustertest.Node) {
+		b, err := os.ReadFile(v.CfgPath)
 		if err != nil {
 			t.Fatal(err)
 		}
 		s := strings.Replace(string(b), `log_level = "info"`, `log_level = "debug"`, 1)
 		s = strings.Replace(s, "[[export]]\n", "[[export]]\nmask = [\"02:00:00:00:00:42\"]\nbufcnt = 32\n", 1)
-		if err := os.WriteFile(v.cfgPath, []byte(s), 0o600); err != nil {
+		if err := os.WriteFile(v.CfgPath, []byte(s), 0o600); err != nil {
 			t.Fatal(err)
 		}
 	}
 	// waitLog polls v's log for re (the reload runs asynchronously).
-	waitLog := func(v *vnode, re string) {
+	waitLog := func(v *clustertest.Node, re string) {
 		t.Helper()
 		rx := regexp.MustCompile(re)
 		deadline := time.Now().Add(10 * time.Second)
 		for {
-			_, se := c.lan.Output(v.cmd)
+			_, se := c.LAN.Output(v.Cmd())
 			if rx.MatchString(se) {
 				return
 			}
 			if time.Now().After(deadline) {
-				t.Errorf("%s: log lacks %q after SIGHUP", v.id, re)
+				t.Errorf("%s: log lacks %q after SIGHUP", v.ID, re)
 				return
 			}
 			time.Sleep(20 * time.Millisecond)
 		}
 	}
-	for _, v := range []*vnode{leader, follower} {
+	for _, v := range []*clustertest.Node{leader, follower} {
 		edit(v)
-		if err := v.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+		if err := v.Cmd().Process.Signal(syscall.SIGHUP); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -65,12 +67,12 @@ func TestSIGHUPReload(t *testing.T) {
 	waitLog(follower, `reload: not applied, takes a restart.*bufcnt`)
 	// A second SIGHUP with no further edit: the leader has nothing left to
 	// apply, but the restart-only change is still reported.
-	if err := leader.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+	if err := leader.Cmd().Process.Signal(syscall.SIGHUP); err != nil {
 		t.Fatal(err)
 	}
 	deadline := time.Now().Add(10 * time.Second)
 	for {
-		_, se := c.lan.Output(leader.cmd)
+		_, se := c.LAN.Output(leader.Cmd())
 		if strings.Count(se, "takes a restart") >= 2 {
 			if strings.Count(se, "mask list committed") != 1 {
 				t.Errorf("the second reload committed the mask list again")
@@ -82,9 +84,9 @@ func TestSIGHUPReload(t *testing.T) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	for _, v := range []*vnode{leader, follower} {
-		if ex, err := c.lan.Exited(v.cmd); ex {
-			t.Errorf("%s exited after SIGHUP: %v", v.id, err)
+	for _, v := range []*clustertest.Node{leader, follower} {
+		if ex, err := c.LAN.Exited(v.Cmd()); ex {
+			t.Errorf("%s exited after SIGHUP: %v", v.ID, err)
 		}
 	}
 }
