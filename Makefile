@@ -28,8 +28,12 @@ vet:
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
 	  if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 
+# The real Linux aoe driver (Debian's kernel under QEMU, ops/e2e): our vblade
+# alone (mkfs, mount, write, fsck, pattern checked on the host), then ext4 on
+# a three-node cluster through three leader kills (prints the stall per kill).
 e2e: build
 	bash ops/e2e/run.sh basic
+	bash ops/e2e/run.sh cluster-failover
 
 # A three-node cluster on a private LAN (namespaces), a verifying workload,
 # the leader killed mid-run; tears everything down, also on Ctrl-C. Root.
