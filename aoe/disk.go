@@ -22,6 +22,27 @@ type Disk interface {
 	Size() int64
 }
 
+// RequestID names one request as its initiator sent it: the source MAC of
+// the frame and the AoE tag. An initiator that keeps the tag when it
+// retransmits (our Client does; the Linux driver does not) sends every copy
+// of a request with the same RequestID.
+type RequestID struct {
+	Src MAC
+	Tag uint32
+}
+
+// DedupWriter is optionally implemented by a Disk that can recognise the
+// retransmission of a write it already applied. A write with the same
+// RequestID, offset, length and data as one applied recently is acknowledged
+// (nil) without being applied again, so a copy that arrives after later
+// writes to the same blocks cannot roll them back. What "recently" means is
+// the implementation's window (the replicated store keeps the last few
+// thousand writes per target); outside it, or with a zero Src, WriteAtOnce is
+// WriteAt. The engine asserts the interface once, when the Target is built.
+type DedupWriter interface {
+	WriteAtOnce(ctx context.Context, p []byte, off int64, id RequestID) error
+}
+
 // ErrNoReply, returned (possibly wrapped) by a Disk, a StateStore or a Gate
 // check, tells the engine to drop the command without answering. A cluster
 // node uses it when it cannot finish a command (it lost leadership, Raft timed

@@ -104,6 +104,7 @@ type TargetStats struct {
 type Target struct {
 	addr        TargetAddr
 	disk        Disk
+	once        DedupWriter // disk as a DedupWriter, nil if it is not one
 	sectors     uint64
 	readOnly    bool
 	bufferCount uint16
@@ -154,6 +155,7 @@ func NewTarget(cfg TargetConfig) (*Target, error) {
 		observe:     cfg.Observe,
 		log:         cfg.Logger,
 	}
+	t.once, _ = cfg.Disk.(DedupWriter)
 	if t.log == nil {
 		t.log = slog.Default()
 	}
@@ -400,7 +402,16 @@ func (t *Target) doATA(ctx context.Context, b []byte, n int, from MAC, st *Targe
 				t.Stats.ATAErrors.Add(1)
 				break
 			}
-			if err := t.disk.WriteAt(ctx, data, off); err != nil {
+			var err error
+			if t.once != nil {
+				// A retransmission (same source and tag) of a write the
+				// disk already applied is acknowledged, not applied again.
+				id := RequestID{Src: from, Tag: binary.BigEndian.Uint32(b[20:24])}
+				err = t.once.WriteAtOnce(ctx, data, off, id)
+			} else {
+				err = t.disk.WriteAt(ctx, data, off)
+			}
+			if err != nil {
 				if t.silent(err, "write") {
 					return 0
 				}

@@ -499,3 +499,83 @@ func TestUnsupportedVersion(t *testing.T) {
 		t.Fatalf("version 2 request: %+v", h)
 	}
 }
+
+// onceDisk is a memDisk that also implements DedupWriter and records the
+// identities it was given.
+type onceDisk struct {
+	memDisk
+	ids    []RequestID
+	plains int
+}
+
+func (d *onceDisk) WriteAt(ctx context.Context, p []byte, off int64) error {
+	d.plains++
+	return d.memDisk.WriteAt(ctx, p, off)
+}
+
+func (d *onceDisk) WriteAtOnce(ctx context.Context, p []byte, off int64, id RequestID) error {
+	d.ids = append(d.ids, id)
+	return d.memDisk.WriteAt(ctx, p, off)
+}
+
+func TestWriteUsesDedupWriter(t *testing.T) {
+	d := &onceDisk{memDisk: memDisk{data: make([]byte, 100*SectorSize)}}
+	tg, err := NewTarget(TargetConfig{Shelf: 1, Slot: 2, Disk: d, Serial: "1.2:test"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	data := bytes.Repeat([]byte{0x5a}, 2*SectorSize)
+	for _, ext := range []bool{true, false} {
+		cmd := uint8(ATACmdWriteSectorsExt)
+		if !ext {
+			cmd = ATACmdWriteSectors
+		}
+		b, n := ataReq(cmd, 2, 10, ext, data)
+		binary.BigEndian.PutUint32(b[20:24], 0x8001beef)
+		copy(b[6:12], otherMAC[:])
+		r, rl := doReq(t, tg, b, n)
+		if rl == 0 || r.IsError() || r.CmdStatus != ATAStatusReady {
+			t.Fatalf("write answered %d bytes, status %#x", rl, r.CmdStatus)
+		}
+	}
+	want := RequestID{Src: otherMAC, Tag: 0x8001beef}
+	if len(d.ids) != 2 || d.ids[0] != want || d.ids[1] != want || d.plains != 0 {
+		t.Fatalf("WriteAtOnce ids %v, WriteAt calls %d; want two calls with %v and no WriteAt", d.ids, d.plains, want)
+	}
+	if !bytes.Equal(d.data[10*SectorSize:12*SectorSize], data) {
+		t.Fatal("data not on disk")
+	}
+	// Reads, flushes and a read-only target do not go through it.
+	b, n := ataReq(ATACmdReadSectorsExt, 2, 10, true, nil)
+	if r, _ := doReq(t, tg, b, n); !bytes.Equal(r.Data, data) {
+		t.Fatal("read back")
+	}
+	ro, _ := NewTarget(TargetConfig{Shelf: 1, Slot: 2, Disk: d, ReadOnly: true})
+	b, n = ataReq(ATACmdWriteSectorsExt, 1, 0, true, data[:SectorSize])
+	if r, _ := doReq(t, ro, b, n); r.CmdStatus&ATAStatusError == 0 || len(d.ids) != 2 {
+		t.Fatal("read-only target wrote")
+	}
+}
+
+// Writes stay allocation-free on both paths (plain Disk and DedupWriter).
+func TestHandleWriteAllocs(t *testing.T) {
+	plain, _, _ := newTestTarget(t, 100)
+	od := &onceDisk{memDisk: memDisk{data: make([]byte, 100*SectorSize)}}
+	od.ids = make([]RequestID, 0, 4096)
+	once, err := NewTarget(TargetConfig{Shelf: 1, Slot: 2, Disk: od})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	for name, tg := range map[string]*Target{"plain": plain, "dedup": once} {
+		b, n := ataReq(ATACmdWriteSectorsExt, 2, 10, true, make([]byte, 2*SectorSize))
+		req := append([]byte(nil), b[:n]...)
+		allocs := testing.AllocsPerRun(1000, func() {
+			copy(b, req)
+			tg.handle(ctx, b, n, targetMAC, 2)
+		})
+		if allocs != 0 {
+			t.Errorf("%s: %v allocations per write command", name, allocs)
+		}
+	}
+}

@@ -16,8 +16,14 @@ import (
 
 // EntryVersion is the encoding version written in the first byte of every
 // entry. A node refuses (fatally) an entry with a version it does not know
-// rather than guessing: the fix is to upgrade that node.
-const EntryVersion = 1
+// rather than guessing: the fix is to upgrade that node. Version 2 added the
+// request identity (source MAC and tag) to Write entries; version 1 entries
+// (written before) still decode, as writes without identity, so a log written
+// by an older node replays.
+const (
+	EntryVersion       = 2
+	entryVersionLegacy = 1 // Write entries without a request identity
+)
 
 // MaxWriteLen bounds the payload of one Write entry. The engine writes at most
 // one frame's worth of sectors (a few KiB even with jumbo frames); the bound
@@ -84,15 +90,20 @@ func (o Op) String() string {
 }
 
 // Entry is one replicated command. Which fields matter depends on Op:
-// Write uses Offset and Data, SetState uses State, AddTarget and RemoveTarget
-// use Size.
+// Write uses Offset, Data and Request, SetState uses State, AddTarget and
+// RemoveTarget use Size.
 type Entry struct {
 	Op     Op
 	Target TargetID
-	Offset int64           // Write: byte offset, a multiple of SectorSize
-	Data   []byte          // Write: whole sectors; after DecodeEntry it aliases the input
-	State  aoe.TargetState // SetState
-	Size   int64           // AddTarget, RemoveTarget: image size in bytes
+	Offset int64  // Write: byte offset, a multiple of SectorSize
+	Data   []byte // Write: whole sectors; after DecodeEntry it aliases the input
+	// Request is the initiator's identity for the write (source MAC and
+	// tag). The FSM applies a write at most once per identity within its
+	// window (see DESIGN.md); a zero Src means no identity (never
+	// deduplicated).
+	Request aoe.RequestID
+	State   aoe.TargetState // SetState
+	Size    int64           // AddTarget, RemoveTarget: image size in bytes
 }
 
 // ErrCorruptEntry is wrapped by every EntryError caused by bytes that do not
@@ -141,7 +152,7 @@ func (e *Entry) encodedLen() int {
 	n := headerLen + trailerLen
 	switch e.Op {
 	case OpWrite:
-		n += 8 + len(e.Data)
+		n += 6 + 4 + 8 + len(e.Data)
 	case OpSetState:
 		n += 2 + len(e.State.Config) + 1 + 6*len(e.State.Masks) + 2 + 6*len(e.State.Reservations)
 	case OpAddTarget, OpRemoveTarget:
@@ -154,20 +165,38 @@ func (e *Entry) encodedLen() int {
 //
 //	version(1) op(1) shelf(2, big endian) slot(1) body crc32c(4, over all before)
 //
-// Bodies: Write: offset(8) data(rest); SetState: configLen(2) config
-// nMasks(1) masks(6 each) nRes(2) reservations(6 each); AddTarget and
+// Bodies: Write: src(6) tag(4) offset(8) data(rest); SetState: configLen(2)
+// config nMasks(1) masks(6 each) nRes(2) reservations(6 each); AddTarget and
 // RemoveTarget: size(8); Noop: empty. The encoding is canonical: one Entry has
-// exactly one encoding, which the fuzz test checks.
+// exactly one encoding, which the fuzz test checks. (A version 1 Write, still
+// decoded, has no src and tag; decoding and re-encoding it at version 1 gives
+// the same bytes.)
 func (e *Entry) AppendBinary(b []byte) ([]byte, error) {
+	return e.appendVersion(b, EntryVersion)
+}
+
+// appendVersion encodes e at version v (EntryVersion, or the legacy version
+// for tests and the fuzz check of legacy input).
+func (e *Entry) appendVersion(b []byte, v byte) ([]byte, error) {
 	if err := e.validate(); err != nil {
 		return b, err
 	}
+	switch {
+	case v == entryVersionLegacy && e.Op == OpWrite && e.Request != (aoe.RequestID{}):
+		return b, invalid("version %d write entries carry no request identity", v)
+	case v != EntryVersion && v != entryVersionLegacy:
+		return b, invalid("unknown entry version %d", v)
+	}
 	start := len(b)
-	b = append(b, EntryVersion, byte(e.Op))
+	b = append(b, v, byte(e.Op))
 	b = binary.BigEndian.AppendUint16(b, e.Target.Shelf)
 	b = append(b, e.Target.Slot)
 	switch e.Op {
 	case OpWrite:
+		if v != entryVersionLegacy {
+			b = append(b, e.Request.Src[:]...)
+			b = binary.BigEndian.AppendUint32(b, e.Request.Tag)
+		}
 		b = binary.BigEndian.AppendUint64(b, uint64(e.Offset))
 		b = append(b, e.Data...)
 	case OpSetState:
@@ -238,9 +267,10 @@ func DecodeEntry(b []byte) (Entry, error) {
 	if got := crc32.Checksum(body, castagnoli); got != sum {
 		return e, corrupt("checksum mismatch (stored %08x, computed %08x)", sum, got)
 	}
-	if body[0] != EntryVersion {
+	version := body[0]
+	if version != EntryVersion && version != entryVersionLegacy {
 		return e, &EntryError{
-			Reason: fmt.Sprintf("version %d, this node understands %d: upgrade this node", body[0], EntryVersion),
+			Reason: fmt.Sprintf("version %d, this node understands %d and %d: upgrade this node", version, entryVersionLegacy, EntryVersion),
 			Err:    ErrUnsupportedVersion,
 		}
 	}
@@ -249,6 +279,14 @@ func DecodeEntry(b []byte) (Entry, error) {
 	p := body[headerLen:]
 	switch e.Op {
 	case OpWrite:
+		if version != entryVersionLegacy {
+			if len(p) < 10 {
+				return Entry{}, corrupt("write entry truncated (%d body bytes)", len(p))
+			}
+			copy(e.Request.Src[:], p)
+			e.Request.Tag = binary.BigEndian.Uint32(p[6:])
+			p = p[10:]
+		}
 		if len(p) < 8 {
 			return Entry{}, corrupt("write entry truncated (%d body bytes)", len(p))
 		}

@@ -16,7 +16,9 @@ func sampleEntries() map[string]Entry {
 	return map[string]Entry{
 		"write one sector": {Op: OpWrite, Target: TargetID{1, 0}, Offset: 0, Data: pattern(1, 512)},
 		"write jumbo":      {Op: OpWrite, Target: TargetID{65535, 255}, Offset: 1 << 40, Data: pattern(2, 17*512)},
-		"set empty state":  {Op: OpSetState, Target: TargetID{2, 3}},
+		"write with identity": {Op: OpWrite, Target: TargetID{1, 0}, Offset: 4096, Data: pattern(3, 1024),
+			Request: aoe.RequestID{Src: mac, Tag: 0x80017fff}},
+		"set empty state": {Op: OpSetState, Target: TargetID{2, 3}},
 		"set full state": {Op: OpSetState, Target: TargetID{2, 3}, State: aoe.TargetState{
 			Config:       bytes.Repeat([]byte("c"), aoe.MaxConfigLen),
 			Masks:        []aoe.MAC{mac, {1, 2, 3, 4, 5, 6}},
@@ -42,7 +44,7 @@ func TestEntryRoundTrip(t *testing.T) {
 			if err != nil {
 				t.Fatalf("decode: %v", err)
 			}
-			if got.Op != e.Op || got.Target != e.Target || got.Offset != e.Offset || got.Size != e.Size ||
+			if got.Op != e.Op || got.Target != e.Target || got.Offset != e.Offset || got.Size != e.Size || got.Request != e.Request ||
 				!bytes.Equal(got.Data, e.Data) || !got.State.Equal(e.State) {
 				t.Fatalf("round trip changed the entry:\n got %+v\nwant %+v", got, e)
 			}
@@ -96,11 +98,14 @@ func TestDecodeEntryRejectsCorrupt(t *testing.T) {
 		{"truncated", good[:len(good)-1], ErrCorruptEntry, "checksum"},
 		{"bit flip", mod(good, func(b []byte) []byte { b[20] ^= 1; return b }), ErrCorruptEntry, "checksum"},
 		{"bad checksum", mod(good, func(b []byte) []byte { b[len(b)-1] ^= 0xff; return b }), ErrCorruptEntry, "checksum"},
-		{"future version", reseal(mod(good, func(b []byte) []byte { b[0] = 2; return b })), ErrUnsupportedVersion, "upgrade"},
+		{"future version", reseal(mod(good, func(b []byte) []byte { b[0] = 3; return b })), ErrUnsupportedVersion, "upgrade"},
+		{"version zero", reseal(mod(good, func(b []byte) []byte { b[0] = 0; return b })), ErrUnsupportedVersion, "upgrade"},
 		{"unknown op", reseal(mod(good, func(b []byte) []byte { b[1] = 42; return b })), ErrCorruptEntry, "unknown op"},
 		{"partial sector", reseal(append(append([]byte(nil), good[:len(good)-5]...), 0, 0, 0, 0)), ErrCorruptEntry, "whole sectors"},
-		{"write without offset", reseal([]byte{1, byte(OpWrite), 0, 1, 0, 1, 2, 3, 0, 0, 0, 0}), ErrCorruptEntry, "truncated"},
-		{"unaligned offset", reseal(mod(good, func(b []byte) []byte { b[12] = 7; return b })), ErrCorruptEntry, "offset"},
+		{"v1 write without offset", reseal([]byte{1, byte(OpWrite), 0, 1, 0, 1, 2, 3, 0, 0, 0, 0}), ErrCorruptEntry, "truncated"},
+		{"write without identity", reseal([]byte{2, byte(OpWrite), 0, 1, 0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 0}), ErrCorruptEntry, "truncated"},
+		{"write without offset", reseal(append(append([]byte(nil), good[:5+10+7]...), 0, 0, 0, 0)), ErrCorruptEntry, "truncated"},
+		{"unaligned offset", reseal(mod(good, func(b []byte) []byte { b[22] = 7; return b })), ErrCorruptEntry, "offset"},
 		{"state trailing bytes", reseal(append(append([]byte(nil), state[:len(state)-4]...), 9, 0, 0, 0, 0)), ErrCorruptEntry, "trailing"},
 		{"state mask overflow", reseal(mod(state, func(b []byte) []byte { b[5+2+1] = 200; return b })), ErrCorruptEntry, "mask count"},
 		{"size zero", reseal(mod(add, func(b []byte) []byte { copy(b[5:13], make([]byte, 8)); return b })), ErrCorruptEntry, "size"},
@@ -119,6 +124,43 @@ func TestDecodeEntryRejectsCorrupt(t *testing.T) {
 	}
 }
 
+// TestDecodeLegacyEntries: a log written before request identities (entry
+// version 1) still replays; its writes have no identity.
+func TestDecodeLegacyEntries(t *testing.T) {
+	for name, e := range sampleEntries() {
+		if e.Request != (aoe.RequestID{}) {
+			if _, err := e.appendVersion(nil, entryVersionLegacy); !errors.Is(err, ErrInvalidEntry) {
+				t.Errorf("%s: encoding an identity at version 1: %v, want ErrInvalidEntry", name, err)
+			}
+			continue
+		}
+		b, err := e.appendVersion(nil, entryVersionLegacy)
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		if b[0] != 1 {
+			t.Fatalf("%s: version byte %d", name, b[0])
+		}
+		got, err := DecodeEntry(b)
+		if err != nil {
+			t.Fatalf("%s: decode legacy: %v", name, err)
+		}
+		if got.Op != e.Op || got.Target != e.Target || got.Offset != e.Offset || got.Size != e.Size ||
+			got.Request != (aoe.RequestID{}) || !bytes.Equal(got.Data, e.Data) || !got.State.Equal(e.State) {
+			t.Fatalf("%s: legacy decode changed the entry:\n got %+v\nwant %+v", name, got, e)
+		}
+		if cur, _ := e.MarshalBinary(); cur[0] != EntryVersion {
+			t.Fatalf("%s: new entries must be written at version %d", name, EntryVersion)
+		}
+	}
+	// The exact bytes an older node wrote for a one-sector write at 512.
+	old := reseal(append([]byte{1, byte(OpWrite), 0, 1, 0, 0, 0, 0, 0, 0, 0, 2, 0}, append(pattern(7, 512), 0, 0, 0, 0)...))
+	e, err := DecodeEntry(old)
+	if err != nil || e.Op != OpWrite || e.Target != (TargetID{1, 0}) || e.Offset != 512 || !bytes.Equal(e.Data, pattern(7, 512)) {
+		t.Fatalf("legacy write: %+v, %v", e, err)
+	}
+}
+
 func FuzzDecodeEntry(f *testing.F) {
 	for _, e := range sampleEntries() {
 		b, err := e.MarshalBinary()
@@ -127,6 +169,9 @@ func FuzzDecodeEntry(f *testing.F) {
 		}
 		f.Add(b)
 		f.Add(b[:len(b)/2])
+		if old, err := e.appendVersion(nil, entryVersionLegacy); err == nil {
+			f.Add(old)
+		}
 	}
 	f.Add([]byte{})
 	f.Add([]byte{1, 1, 0, 0, 0, 0, 0, 0, 0})
@@ -139,9 +184,10 @@ func FuzzDecodeEntry(f *testing.F) {
 			}
 			return
 		}
-		// Whatever decodes must re-encode to the same bytes: the format is
-		// canonical, so a replica never reads an entry two ways.
-		again, err := e.MarshalBinary()
+		// Whatever decodes must re-encode (at the version it was written
+		// with) to the same bytes: the format is canonical, so a replica
+		// never reads an entry two ways.
+		again, err := e.appendVersion(nil, b[0])
 		if err != nil {
 			t.Fatalf("decoded entry %+v does not re-encode: %v", e, err)
 		}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"hash/crc32"
 	"io"
 	"maps"
 	"slices"
@@ -115,6 +116,10 @@ type FSM struct {
 
 	mu      sync.RWMutex
 	targets map[TargetID]*TargetInfo
+	// recent is each target's table of recent identified writes (see
+	// DedupWindow); replicated state, recorded in snapshots. Only the apply
+	// path (holding applyMu) and Restore change it, under mu.
+	recent  map[TargetID]*recentWrites
 	applied uint64        // last log index whose effect is in the images
 	fatal   *FatalError   // first fatal failure; sticky
 	changed chan struct{} // closed and replaced whenever applied moves
@@ -122,6 +127,10 @@ type FSM struct {
 	// streams counts full-image streams open on this node; while it is
 	// non-zero Snapshot refuses so the log is not compacted under them.
 	streams atomic.Int32
+
+	// duplicates counts identified writes skipped because the same write
+	// was applied before (retransmissions).
+	duplicates atomic.Uint64
 }
 
 var (
@@ -137,6 +146,7 @@ func NewFSM(opts FSMOptions) *FSM {
 		sink:    opts.Sink,
 		onFatal: opts.OnFatal,
 		targets: make(map[TargetID]*TargetInfo),
+		recent:  make(map[TargetID]*recentWrites),
 		changed: make(chan struct{}),
 	}
 }
@@ -235,6 +245,14 @@ func (f *FSM) applyCommand(l *raft.Log) error {
 		if e.Offset+int64(len(e.Data)) > t.Size {
 			return reject("write of %d bytes at %d is beyond the %d-byte image", len(e.Data), e.Offset, t.Size)
 		}
+		if e.Request.Src != (aoe.MAC{}) && f.seenOrRecord(e) {
+			// The retransmission of a write already applied: applying it
+			// again could roll back later writes to the same blocks.
+			// Every node decides the same way (the table is replicated
+			// state), and the copy is acknowledged like the original.
+			f.duplicates.Add(1)
+			return nil
+		}
 		// Background context: an apply is never abandoned halfway, the
 		// image must end up with the entry or the node stops.
 		if err := f.disks[e.Target].WriteAt(context.Background(), e.Data, e.Offset); err != nil {
@@ -282,6 +300,7 @@ func (f *FSM) applyCommand(l *raft.Log) error {
 		}
 		f.mu.Lock()
 		delete(f.targets, e.Target)
+		delete(f.recent, e.Target)
 		f.mu.Unlock()
 		if ts, ok := f.sink.(TargetSink); ok {
 			ts.RemoveTarget(e.Target.Shelf, e.Target.Slot)
@@ -290,6 +309,31 @@ func (f *FSM) applyCommand(l *raft.Log) error {
 	}
 	return reject("unknown op") // unreachable: DecodeEntry validated Op
 }
+
+// seenOrRecord reports whether the identified write e is the same write (same
+// identity, offset, length and data) as the newest one remembered for its
+// identity; if not, it records e, which is then applied. Recording before the
+// image write is safe: if that write fails the FSM stops at this entry and a
+// restart rebuilds the table from the snapshot and the log.
+func (f *FSM) seenOrRecord(e Entry) bool {
+	w := recentWrite{ID: e.Request, Offset: e.Offset, Length: uint32(len(e.Data)), CRC: crc32.Checksum(e.Data, castagnoli)}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	r := f.recent[e.Target]
+	if r == nil {
+		r = newRecentWrites()
+		f.recent[e.Target] = r
+	}
+	if r.seen(w) {
+		return true
+	}
+	r.add(w)
+	return false
+}
+
+// DuplicateWrites is the number of retransmitted writes this FSM recognised
+// and did not apply again since it started.
+func (f *FSM) DuplicateWrites() uint64 { return f.duplicates.Load() }
 
 // checkLocal reports whether this node holds an image for id of the given size.
 func (f *FSM) checkLocal(id TargetID, size int64) error {
@@ -389,7 +433,8 @@ func (f *FSM) Targets() []TargetInfo {
 func (f *FSM) Disk(id TargetID) aoe.Disk { return f.disks[id] }
 
 // Snapshot implements raft.FSM. It copies no image data: it records the
-// applied index and the target set, and Persist syncs the images before the
+// applied index, the target set and each target's recent-write table (the
+// replicated deduplication state), and Persist syncs the images before the
 // record is written (a fuzzy snapshot, see DESIGN.md). It is called on Raft's
 // apply goroutine, so the recorded index matches the images' content so far.
 func (f *FSM) Snapshot() (raft.FSMSnapshot, error) {
@@ -403,13 +448,20 @@ func (f *FSM) Snapshot() (raft.FSMSnapshot, error) {
 	meta := snapshotMeta{Index: f.applied}
 	for _, t := range f.targets {
 		meta.Targets = append(meta.Targets, TargetInfo{ID: t.ID, Size: t.Size, State: t.State.Clone()})
+		if r := f.recent[t.ID]; r != nil && len(r.ring) > 0 {
+			if meta.Recent == nil {
+				meta.Recent = make(map[TargetID][]recentWrite)
+			}
+			meta.Recent[t.ID] = r.list()
+		}
 	}
 	f.mu.RUnlock()
 	meta.sort()
 	return &fsmSnapshot{fsm: f, meta: meta}, nil
 }
 
-// Restore implements raft.FSM. It reads only the snapshot's metadata: at
+// Restore implements raft.FSM. It reads only the snapshot's metadata (target
+// set, states and recent-write tables, which replace the FSM's own): at
 // start-up the local images are already at least as new as the snapshot, and
 // after an install the image was written by the snapshot sink as it arrived.
 // Either way no image byte is copied here. It leaves the rest of rc unread
@@ -432,8 +484,12 @@ func (f *FSM) Restore(rc io.ReadCloser) error {
 	f.mu.Lock()
 	old := f.targets
 	f.targets = make(map[TargetID]*TargetInfo, len(meta.Targets))
+	f.recent = make(map[TargetID]*recentWrites, len(meta.Targets))
 	for _, t := range meta.Targets {
 		f.targets[t.ID] = &TargetInfo{ID: t.ID, Size: t.Size, State: t.State}
+		if list := meta.Recent[t.ID]; len(list) > 0 {
+			f.recent[t.ID] = recentWritesFrom(list)
+		}
 	}
 	f.applied = meta.Index
 	close(f.changed)

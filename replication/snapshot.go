@@ -24,15 +24,22 @@ import (
 //	    image bytes (exactly Size) crc32c(4, of those bytes as sent)
 //
 // body: index(8) count(4) then per target shelf(2) slot(1) size(8) state
-// (state encoded as in a SetState entry). All integers big endian.
+// (state encoded as in a SetState entry) recent-write table (version 2:
+// count(4) then per slot, oldest first, src(6) tag(4) offset(8) length(4)
+// crc32c(4)). All integers big endian. Version 1 metadata (no tables) still
+// decodes, with empty tables: it was written by a node that applied only
+// version 1 entries, which carry no identity, so its tables were empty.
 const (
-	metaMagic   = "VBSN"
-	metaVersion = 1
-	metaFixed   = 4 + 1 + 1 + 4
-	flagImage   = 1
-	// maxMetaBody bounds the metadata of a corrupt or hostile stream; real
-	// metadata is a few KiB per target.
-	maxMetaBody = 64 << 20
+	metaMagic         = "VBSN"
+	metaVersion       = 2
+	metaVersionLegacy = 1 // no recent-write tables
+	metaFixed         = 4 + 1 + 1 + 4
+	flagImage         = 1
+	// maxMetaBody bounds the metadata of a corrupt or hostile stream. Real
+	// metadata is a few KiB per target plus its recent-write table (at most
+	// DedupWindow*26 bytes, about 210 KiB), so this admits over a thousand
+	// targets. readMeta allocates as bytes arrive, not from the length.
+	maxMetaBody = 256 << 20
 )
 
 // DefaultChunkSize is the unit in which images are read for a stream and
@@ -43,6 +50,12 @@ const DefaultChunkSize = 1 << 20
 type snapshotMeta struct {
 	Index   uint64
 	Targets []TargetInfo
+	// Recent holds each target's recent-write table, oldest first (absent:
+	// empty). It is replicated state: see DedupWindow.
+	Recent map[TargetID][]recentWrite
+	// version is the metadata version this was decoded from (0: current);
+	// encode writes it back so that the format stays canonical.
+	version byte
 }
 
 func (m *snapshotMeta) sort() {
@@ -67,6 +80,10 @@ func (m *snapshotMeta) imageBytes() int64 {
 }
 
 func (m *snapshotMeta) encode(image bool) []byte {
+	version := m.version
+	if version == 0 {
+		version = metaVersion
+	}
 	body := binary.BigEndian.AppendUint64(nil, m.Index)
 	body = binary.BigEndian.AppendUint32(body, uint32(len(m.Targets)))
 	for _, t := range m.Targets {
@@ -74,10 +91,13 @@ func (m *snapshotMeta) encode(image bool) []byte {
 		body = append(body, t.ID.Slot)
 		body = binary.BigEndian.AppendUint64(body, uint64(t.Size))
 		body = appendState(body, t.State)
+		if version != metaVersionLegacy {
+			body = appendRecent(body, m.Recent[t.ID])
+		}
 	}
 	b := make([]byte, 0, metaFixed+len(body)+4)
 	b = append(b, metaMagic...)
-	b = append(b, metaVersion)
+	b = append(b, version)
 	var flags byte
 	if image {
 		flags |= flagImage
@@ -101,8 +121,8 @@ func checkFixed(fixed []byte) error {
 	if string(fixed[:4]) != metaMagic {
 		return corruptSnap("bad magic %q (not a vblade-ha snapshot)", fixed[:4])
 	}
-	if fixed[4] != metaVersion {
-		return corruptSnap("metadata version %d, this node understands %d: upgrade this node", fixed[4], metaVersion)
+	if fixed[4] != metaVersion && fixed[4] != metaVersionLegacy {
+		return corruptSnap("metadata version %d, this node understands %d and %d: upgrade this node", fixed[4], metaVersionLegacy, metaVersion)
 	}
 	if n := binary.BigEndian.Uint32(fixed[6:]); n > maxMetaBody {
 		return corruptSnap("metadata body of %d bytes (max %d)", n, maxMetaBody)
@@ -122,10 +142,14 @@ func readMeta(r io.Reader) (snapshotMeta, bool, error) {
 		return m, false, err
 	}
 	n := binary.BigEndian.Uint32(fixed[6:])
-	rest := make([]byte, int(n)+4)
-	if _, err := io.ReadFull(r, rest); err != nil {
+	// Grow with what actually arrives: a corrupt length must not allocate
+	// hundreds of MiB up front.
+	var buf bytes.Buffer
+	buf.Grow(int(min(n+4, 64<<10)))
+	if _, err := io.CopyN(&buf, r, int64(n)+4); err != nil {
 		return m, false, corruptSnap("read metadata body: %v", err)
 	}
+	rest := buf.Bytes()
 	body := rest[:n]
 	want := binary.BigEndian.Uint32(rest[n:])
 	sum := crc32.Update(crc32.Checksum(fixed, castagnoli), castagnoli, body)
@@ -135,9 +159,13 @@ func readMeta(r io.Reader) (snapshotMeta, bool, error) {
 	if len(body) < 12 {
 		return m, false, corruptSnap("metadata body truncated")
 	}
+	if fixed[4] != metaVersion {
+		m.version = fixed[4]
+	}
 	m.Index = binary.BigEndian.Uint64(body)
 	count := binary.BigEndian.Uint32(body[8:])
 	p := body[12:]
+	seen := make(map[TargetID]struct{})
 	for i := uint32(0); i < count; i++ {
 		if len(p) < 11 {
 			return m, false, corruptSnap("metadata truncated at target %d of %d", i, count)
@@ -149,9 +177,25 @@ func readMeta(r io.Reader) (snapshotMeta, bool, error) {
 		if t.Size <= 0 || t.Size > maxImageSize || t.Size%SectorSize != 0 {
 			return m, false, corruptSnap("target %v has impossible size %d", t.ID, t.Size)
 		}
+		if _, dup := seen[t.ID]; dup {
+			return m, false, corruptSnap("target %v listed twice", t.ID)
+		}
+		seen[t.ID] = struct{}{}
 		var err error
 		if t.State, p, err = decodeState(p[11:]); err != nil {
 			return m, false, corruptSnap("state of target %v: %v", t.ID, err)
+		}
+		if m.version != metaVersionLegacy {
+			var recent []recentWrite
+			if recent, p, err = decodeRecent(p, t.Size); err != nil {
+				return m, false, fmt.Errorf("target %v: %w", t.ID, err)
+			}
+			if recent != nil {
+				if m.Recent == nil {
+					m.Recent = make(map[TargetID][]recentWrite)
+				}
+				m.Recent[t.ID] = recent
+			}
 		}
 		m.Targets = append(m.Targets, t)
 	}

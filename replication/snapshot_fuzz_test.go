@@ -24,7 +24,15 @@ func FuzzReadMeta(f *testing.F) {
 				Reservations: []aoe.MAC{{2, 0, 0, 0, 0, 2}, {2, 0, 0, 0, 0, 3}},
 			}},
 			{ID: TargetID{Shelf: 8, Slot: 0}, Size: 512},
+		}, Recent: map[TargetID][]recentWrite{
+			{Shelf: 7, Slot: 3}: {
+				{ID: aoe.RequestID{Src: aoe.MAC{2, 0, 0, 0, 0, 9}, Tag: 0x10002}, Offset: 1024, Length: 512, CRC: 0xdeadbeef},
+				{ID: aoe.RequestID{Src: aoe.MAC{2, 0, 0, 0, 0, 9}, Tag: 0x10002}, Offset: 0, Length: 4096, CRC: 1},
+			},
+			{Shelf: 8, Slot: 0}: {{ID: aoe.RequestID{Src: aoe.MAC{2, 0, 0, 0, 0, 8}}, Length: 512}},
 		}},
+		// What a node before recent-write tables wrote.
+		{Index: 9, version: metaVersionLegacy, Targets: []TargetInfo{{ID: TargetID{Shelf: 1, Slot: 0}, Size: 1 << 20}}},
 	}
 	for _, m := range metas {
 		for _, image := range []bool{false, true} {

@@ -72,7 +72,8 @@ func (p *Replicator) timeoutFor(ctx context.Context) (time.Duration, error) {
 
 // wait waits for f, giving up when ctx ends. Giving up does not cancel the
 // proposal: it may still commit, which is harmless because nothing was
-// acknowledged (the initiator retransmits, and block writes are idempotent).
+// acknowledged: the initiator retransmits, and the FSM skips the copy of an
+// identified write it already applied (see DESIGN.md, "Retransmitted writes").
 func wait(ctx context.Context, f raft.Future) error {
 	if ctx.Done() == nil {
 		return f.Error()
@@ -91,34 +92,36 @@ func wait(ctx context.Context, f raft.Future) error {
 // node. Every failure whose outcome is unknown (not leader, leadership lost,
 // enqueue timeout, deadline, this node's FSM stopped) wraps aoe.ErrNoReply so
 // the command is dropped unanswered; a *RejectedError is returned as is.
-func (p *Replicator) propose(ctx context.Context, e *Entry, what string) error {
+// what describes the command for error messages; it is called only on failure,
+// so the write path formats nothing when all goes well.
+func (p *Replicator) propose(ctx context.Context, e *Entry, what func() string) error {
 	if err := p.fsm.Err(); err != nil {
-		return noReply(what, err)
+		return noReply(what(), err)
 	}
 	cmd, err := e.MarshalBinary()
 	if err != nil {
-		return fmt.Errorf("replication: %s: %w", what, err)
+		return fmt.Errorf("replication: %s: %w", what(), err)
 	}
 	timeout, err := p.timeoutFor(ctx)
 	if err != nil {
-		return noReply(what, err)
+		return noReply(what(), err)
 	}
 	f := p.raft.Apply(cmd, timeout)
 	if err := wait(ctx, f); err != nil {
-		return noReply(what, err)
+		return noReply(what(), err)
 	}
 	switch resp := f.Response().(type) {
 	case nil:
 		return nil
 	case *RejectedError:
-		return fmt.Errorf("replication: %s: %w", what, resp)
+		return fmt.Errorf("replication: %s: %w", what(), resp)
 	case error:
 		// This node could not apply a committed entry (FatalError): the
 		// other nodes did, the node must step down, and the initiator's
 		// retransmission goes to the next leader.
-		return noReply(what, resp)
+		return noReply(what(), resp)
 	default:
-		return fmt.Errorf("replication: %s: unexpected FSM response %T", what, resp)
+		return fmt.Errorf("replication: %s: unexpected FSM response %T", what(), resp)
 	}
 }
 
@@ -126,7 +129,7 @@ func (p *Replicator) propose(ctx context.Context, e *Entry, what string) error {
 // returns once it is committed and applied.
 func (p *Replicator) Commit(ctx context.Context, shelf uint16, slot uint8, s aoe.TargetState) error {
 	id := TargetID{Shelf: shelf, Slot: slot}
-	return p.propose(ctx, &Entry{Op: OpSetState, Target: id, State: s}, "commit state of "+id.String())
+	return p.propose(ctx, &Entry{Op: OpSetState, Target: id, State: s}, func() string { return "commit state of " + id.String() })
 }
 
 // AddTarget adds a target of size bytes to the replicated set. Every node must
@@ -134,12 +137,12 @@ func (p *Replicator) Commit(ctx context.Context, shelf uint16, slot uint8, s aoe
 // FatalError naming the fix). Adding an existing target with the same size
 // succeeds and changes nothing.
 func (p *Replicator) AddTarget(ctx context.Context, id TargetID, size int64) error {
-	return p.propose(ctx, &Entry{Op: OpAddTarget, Target: id, Size: size}, "add target "+id.String())
+	return p.propose(ctx, &Entry{Op: OpAddTarget, Target: id, Size: size}, func() string { return "add target " + id.String() })
 }
 
 // RemoveTarget removes a target from the replicated set (the local images stay).
 func (p *Replicator) RemoveTarget(ctx context.Context, id TargetID, size int64) error {
-	return p.propose(ctx, &Entry{Op: OpRemoveTarget, Target: id, Size: size}, "remove target "+id.String())
+	return p.propose(ctx, &Entry{Op: OpRemoveTarget, Target: id, Size: size}, func() string { return "remove target " + id.String() })
 }
 
 // Barrier returns once every entry committed before it is applied on this
@@ -182,7 +185,10 @@ type Store struct {
 	size int64
 }
 
-var _ aoe.Disk = (*Store)(nil)
+var (
+	_ aoe.Disk        = (*Store)(nil)
+	_ aoe.DedupWriter = (*Store)(nil)
+)
 
 // Size implements aoe.Disk.
 func (s *Store) Size() int64 { return s.size }
@@ -219,7 +225,25 @@ func (s *Store) WriteAt(ctx context.Context, p []byte, off int64) error {
 		return err
 	}
 	e := Entry{Op: OpWrite, Target: s.id, Offset: off, Data: p}
-	return s.rep.propose(ctx, &e, fmt.Sprintf("write %d bytes at %d to %v", len(p), off, s.id))
+	return s.rep.propose(ctx, &e, func() string {
+		return fmt.Sprintf("write %d bytes at %d to %v", len(p), off, s.id)
+	})
+}
+
+// WriteAtOnce implements aoe.DedupWriter: WriteAt with the request's identity
+// in the log entry. Every node's FSM skips the entry if it is the
+// retransmission of an identified write it applied within the last
+// DedupWindow identified writes to this target (same source, tag, offset,
+// length and data), and the copy is acknowledged like the original, on this
+// leader or on the next one. A zero id.Src means no identity: WriteAt.
+func (s *Store) WriteAtOnce(ctx context.Context, p []byte, off int64, id aoe.RequestID) error {
+	if err := s.check("write", len(p), off); err != nil {
+		return err
+	}
+	e := Entry{Op: OpWrite, Target: s.id, Offset: off, Data: p, Request: id}
+	return s.rep.propose(ctx, &e, func() string {
+		return fmt.Sprintf("write %d bytes at %d to %v (from %v tag %#x)", len(p), off, s.id, id.Src, id.Tag)
+	})
 }
 
 // Flush implements aoe.Disk. In a cluster it is a Raft barrier: it returns
