@@ -57,6 +57,7 @@ var (
 	descRaftLag       = desc("raft_apply_lag_entries", "Committed entries not yet applied here (commit index minus applied index). On a follower this is how far its images trail the leader's.")
 	descRaftContact   = desc("raft_last_contact_seconds", "Seconds since this follower last heard from the leader (0 on the leader).")
 	descRaftChanges   = desc("raft_leadership_changes_total", "Times this node gained or lost leadership.")
+	descDupWrites     = desc("replicated_duplicate_writes_total", "Retransmitted writes the log carried twice and this node applied once.")
 	descRaftServers   = desc("raft_servers", "Servers in the cluster configuration, this one included.")
 	descReady         = desc("node_ready", "1 when the node is a member of a cluster with a leader and has applied the committed log (systemd READY=1).")
 	descXferBytes     = desc("image_transfer_bytes", "Bytes moved by the current or last full-image transfer.", "direction")
@@ -151,7 +152,7 @@ func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descCommands, descBytes, descATAErrors, descAoEErrors, descDropped,
 		descServing, descSize, descReceived, descSent, descMalformed, descNoTarget, descSendErrors, descBroadcast,
 		descKernelDrops, descRaftState, descRaftTerm, descRaftLastIndex, descRaftCommit, descRaftApplied, descRaftLag,
-		descRaftContact, descRaftChanges, descRaftServers, descReady, descXferBytes, descXferTotal, descXferActive,
+		descRaftContact, descRaftChanges, descDupWrites, descRaftServers, descReady, descXferBytes, descXferTotal, descXferActive,
 		descXferIndex, descXferFailed, descBuildInfo} {
 		ch <- d
 	}
@@ -234,6 +235,7 @@ func (n *Node) collect(gauge func(*prometheus.Desc, float64, ...string), counter
 		gauge(descRaftContact, time.Since(r.LastContact()).Seconds())
 	}
 	counter(descRaftChanges, n.changes.Load())
+	counter(descDupWrites, n.fsm.DuplicateWrites())
 	if f := r.GetConfiguration(); f.Error() == nil {
 		gauge(descRaftServers, float64(len(f.Configuration().Servers)))
 	}
