@@ -102,6 +102,8 @@ func NewNode(cfg *Config, log *slog.Logger) (*Node, error) {
 		id := replication.TargetID{Shelf: uint16(e.Shelf), Slot: uint8(e.Slot)}
 		n.disks[id] = f
 		disks[id] = f
+		n.log.Info("export image opened", "target", e.Addr().String(), "path", e.Path,
+			"bytes", f.Size(), "io", f.IOPath())
 	}
 	n.fsm = replication.NewFSM(replication.FSMOptions{Disks: disks, Sink: n, OnFatal: n.onFatal})
 	var err error
