@@ -7,12 +7,16 @@
 # point is bounded by time (-duration) and the whole run by the matrix below.
 #
 # Environment:
-#   QUICK=1      a ~1 minute smoke run (MTU 1500, window 16 and one window=bufcnt point)
+#   QUICK=1      a ~1 minute smoke run (MTU 1500, window 16 and one window=bufcnt point),
+#                plus ~2 minutes for the cluster part
 #   DUR=3s       length of each point (QUICK: 1s)
 #   MTUS, WINDOWS, MODES   override the matrix (space separated)
 #   BUFCNT=64    -b given to every target
 #   KEEP=1       keep the raw results directory
 #   VBLADE_BIN=path   use this build of our target instead of building bin/vblade
+#   CLUSTER=0    skip the cluster part (ops/bench/cluster.sh: three nodes, durable
+#                writes, reads, failover stall, join), which runs after this table
+#                and honours QUICK=1 too; its own knobs are described in that file
 #
 # Must run as root (namespaces, raw sockets, tmpfs mount).
 set -euo pipefail
@@ -309,4 +313,21 @@ if awk -F'\t' '$10 > 0 { bad = 1 } END { exit !bad }' "$RESULTS"; then
 	echo
 	echo "Some points had I/O errors (last column of $RESULTS); first messages:"
 	head -5 "$WORK/bench.err" || true
+fi
+
+# ---- cluster part (ops/bench/cluster.sh): three nodes on their own LAN ----
+if [[ ${CLUSTER:-1} != 0 ]]; then
+	if ((!OURS)); then
+		log "WARNING: no working bin/vblade: the cluster part is skipped"
+		exit 1
+	fi
+	# The standalone table is printed; its LAN and images go before the cluster part starts.
+	trap - EXIT
+	cleanup
+	echo
+	cluster_rc=0
+	QUICK=$QUICK BUFCNT=$BUFCNT MIN_RTO=$MIN_RTO VBLADE_BIN=$VBLADE_BIN VBLADECTL_BIN=$ROOT/bin/vbladectl \
+		bash "$ROOT/ops/bench/cluster.sh" || cluster_rc=$?
+	((cluster_rc == 0)) || log "cluster part failed (exit $cluster_rc)"
+	exit "$cluster_rc"
 fi

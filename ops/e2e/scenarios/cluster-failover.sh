@@ -8,17 +8,23 @@
 # guest uptime, 10 ms resolution) is printed, with median and max.
 #   ops/e2e/run.sh cluster-failover                     # mac_mode = virtual (default)
 #   ops/e2e/run.sh cluster-failover --mac-mode node     # the nodes' own MACs + re-announce
-#   ops/e2e/run.sh cluster-failover NKILLS=5 KILL_EVERY=8
+#   ops/e2e/run.sh cluster-failover NKILLS=5 KILL_EVERY=8   # (KILLS=5 is accepted as a synonym of NKILLS=5)
+#   ops/e2e/run.sh cluster-failover TRANSFERS=1             # after the kills, planned `vbladectl cluster transfer`s
+#                                                           # (every TRANSFER_EVERY s); their guest stall is printed too
 NTARGETS=3
 E2E_MAC_MODE=${E2E_MAC_MODE:-virtual}
 export E2E_MAC_MODE
+# KILLS=N on the command line is a synonym of NKILLS=N (KILLS is reused below for the kill record).
+case "${KILLS:-}" in ''|*[!0-9]*) ;; *) NKILLS=${NKILLS:-$KILLS};; esac
 NKILLS=${NKILLS:-3}
+TRANSFERS=${TRANSFERS:-0}
+TRANSFER_EVERY=${TRANSFER_EVERY:-6}
 # One kill cycle (SIGKILL, new leader seen, restart, caught up) takes about 10 s on the host while the TCG
 # guest loads it; in node mode the driver also needs its 10 s scorn timeout (+ one rto) to move frames off
 # the dead MAC. A kill that comes late is made at once; one after the guest's loop ended fails the run.
 if [ "$E2E_MAC_MODE" = node ]; then KILL_EVERY=${KILL_EVERY:-22}; else KILL_EVERY=${KILL_EVERY:-14}; fi
 FIRST_KILL=${FIRST_KILL:-4}
-export AOEG_IO_DUR=${AOEG_IO_DUR:-$((FIRST_KILL + NKILLS * KILL_EVERY + 2))}
+export AOEG_IO_DUR=${AOEG_IO_DUR:-$((FIRST_KILL + NKILLS * KILL_EVERY + TRANSFERS * TRANSFER_EVERY + 2))}
 export AOEG_NCH=${AOEG_NCH:-64}
 export AOEG_NFILES=${AOEG_NFILES:-200}
 export AOEG_STALL_CS=${AOEG_STALL_CS:-20}   # report gaps >= 0.20 s
@@ -26,6 +32,7 @@ export AOEG_AOE_PARAMS=${AOEG_AOE_PARAMS:-}
 GUEST_TIMEOUT=$((AOEG_IO_DUR + 110))
 TARGET_CMD='{bin} node -c {run}/node{idx}.toml'
 KILLS=()
+XFERS=()
 
 host_setup() {
     [ -x "$E2E_CTL" ] || die "vbladectl not found (E2E_CTL); run with --target ours or set E2E_CTL"
@@ -60,6 +67,7 @@ host_during() {
         guest_running || { verdict_fail "guest gone before kill $k"; return; }
         l=$(wait_leader 30) || { verdict_fail "kill $k: no serving leader for 30 s (see unplanned elections below)"; return; }
         KILLS+=("$(since_s "$t0") $l")
+        printf '%s\n' "${KILLS[@]}" >"$RUN/kills.txt"   # kept up to date: a run cut short still reports its stalls
         target_stop "$l" KILL
         event "KILL $k: SIGKILL leader n$l"
         local nl; nl=$(wait_leader 30 "$l") && event "kill $k: new leader n$nl" || verdict_fail "kill $k: no new leader within 15 s"
@@ -68,6 +76,19 @@ host_during() {
         if wait_caught_up "$l" 30; then event "kill $k: n$l restarted and caught up"; else verdict_fail "kill $k: n$l did not catch up"; fi
     done
     printf '%s\n' "${KILLS[@]}" >"$RUN/kills.txt"
+    # planned switchovers: the leader hands over with `vbladectl cluster transfer`, nothing is killed
+    local x
+    for x in $(seq 1 "$TRANSFERS"); do
+        next=$(( tio + (FIRST_KILL + NKILLS * KILL_EVERY + x * TRANSFER_EVERY - TRANSFER_EVERY / 2) * 1000000 ))
+        while [ "$(now_us)" -lt "$next" ]; do sleep 0.1; done
+        guest_running || { verdict_fail "guest gone before transfer $x"; return; }
+        l=$(wait_leader 30) || { verdict_fail "transfer $x: no serving leader"; return; }
+        XFERS+=("$(since_s "$t0") $l")
+        printf '%s\n' "${XFERS[@]}" >"$RUN/transfers.txt"
+        if ctl "$l" transfer >>"$RUN/ctl.log" 2>&1; then event "TRANSFER $x: planned transfer away from n$l"
+        else verdict_fail "transfer $x: vbladectl cluster transfer on n$l failed: $(tail -2 "$RUN/ctl.log" | tr '\n' ' ')"; fi
+        local nl; nl=$(wait_leader 30 "$l") && event "transfer $x: new leader n$nl" || verdict_fail "transfer $x: no new leader"
+    done
 }
 
 host_verify() {
@@ -91,9 +112,20 @@ host_verify() {
         if e2fsck -fn "$RUN/disk.$i.img" >"$RUN/host-e2fsck.$i.log" 2>&1; then event "host: e2fsck -fn of n$i's image clean"
         else verdict_fail "host: e2fsck of n$i's image (see $RUN/host-e2fsck.$i.log)"; fi
     done
-    # guest stall per kill: the STALL marker (guest uptime) whose interval, placed on the host clock by the
-    # console timestamp of its line (= its end), contains the kill time
-    awk -v th="$AOEG_STALL_CS" -v mode="$E2E_MAC_MODE" '
+    # guest stall per kill (and per planned transfer): the STALL marker (guest uptime) whose interval, placed
+    # on the host clock by the console timestamp of its line (= its end), contains the event time
+    stall_report "$RUN/kills.txt" kill GUEST-STALLS
+    [ -s "$RUN/transfers.txt" ] && stall_report "$RUN/transfers.txt" transfer GUEST-TRANSFER-STALLS
+    # leaderships won over the run, against the ones the kills forced: the rest are false elections
+    # (a loaded host delaying heartbeats beyond heartbeat_timeout), each one a stall the guest pays for
+    local won; won=$(cat "$RUN"/target.*.log | grep -c 'leadership gained')
+    event "leaderships gained: $won (1 at formation + ${#KILLS[@]} forced by kills + ${#XFERS[@]} transfers; unplanned: $((won - 1 - ${#KILLS[@]} - ${#XFERS[@]})))"
+    for i in 1 2 3; do target_alive "$i" || verdict_fail "node $i not running at the end (see $RUN/target.$i.log)"; done
+}
+
+# stall_report EVENTS_FILE WHAT SUMMARY_TAG: per event line "<host s> <node>", the guest stall around it.
+stall_report() {
+    awk -v th="$AOEG_STALL_CS" -v mode="$E2E_MAC_MODE" -v what="$2" -v tag="$3" '
         FNR==NR { kt[++nk]=$1; kn[nk]=$2; next }
         /@@AOE STALL / { split($1, a, "|"); e=a[1]+0; d=0; for (i=1;i<=NF;i++) if ($i ~ /^dur=/) d=substr($i,5)+0
                          ns++; se[ns]=e; sd[ns]=d }
@@ -101,15 +133,10 @@ host_verify() {
             for (k=1;k<=nk;k++) {
                 best=-1
                 for (s=1;s<=ns;s++) if (kt[k] >= se[s]-sd[s]-0.3 && kt[k] <= se[s]+0.1 && sd[s] > best) best=sd[s]
-                if (best < 0) { v[k]=th/100; tag="<" } else { v[k]=best; tag="" }
-                printf "guest stall kill %d (n%s at %.3f s): %s%.2f s\n", k, kn[k], kt[k], tag, v[k]
+                if (best < 0) { v[k]=th/100; lt="<" } else { v[k]=best; lt="" }
+                printf "guest stall %s %d (n%s at %.3f s): %s%.2f s\n", what, k, kn[k], kt[k], lt, v[k]
             }
             n=nk; for (i=1;i<=n;i++) for (j=i+1;j<=n;j++) if (v[j]<v[i]) { t=v[i]; v[i]=v[j]; v[j]=t }
-            if (n>0) printf "GUEST-STALLS mode=%s kills=%d median=%.2f s max=%.2f s\n", mode, n, (n%2 ? v[(n+1)/2] : (v[n/2]+v[n/2+1])/2), v[n]
-        }' "$RUN/kills.txt" "$RUN/console.log" 2>/dev/null | while read -r l; do event "$l"; done
-    # leaderships won over the run, against the ones the kills forced: the rest are false elections
-    # (a loaded host delaying heartbeats beyond heartbeat_timeout), each one a stall the guest pays for
-    local won; won=$(cat "$RUN"/target.*.log | grep -c 'leadership gained')
-    event "leaderships gained: $won (1 at formation + ${#KILLS[@]} forced by kills; unplanned: $((won - 1 - ${#KILLS[@]})))"
-    for i in 1 2 3; do target_alive "$i" || verdict_fail "node $i not running at the end (see $RUN/target.$i.log)"; done
+            if (n>0) printf "%s mode=%s %ss=%d median=%.2f s max=%.2f s\n", tag, mode, what, n, (n%2 ? v[(n+1)/2] : (v[n/2]+v[n/2+1])/2), v[n]
+        }' "$1" "$RUN/console.log" 2>/dev/null | while read -r l; do event "$l"; done
 }
