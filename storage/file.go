@@ -71,6 +71,8 @@ type File struct {
 	syncErr error
 
 	closed atomic.Bool // set by Close, to name the error of a late fdatasync
+
+	ranges rangeLocks // overlapping reads and writes exclude each other
 }
 
 var _ aoe.Disk = (*File)(nil)
@@ -297,11 +299,13 @@ func (f *File) ReadAt(ctx context.Context, p []byte, off int64) error {
 		return err
 	}
 	var err error
+	f.ranges.lock(off, len(p), false)
 	if f.dio != nil {
 		err = f.dio.readAt(f.io, p, f.off+off)
 	} else {
 		_, err = f.io.ReadAt(p, f.off+off)
 	}
+	f.ranges.unlock(off, len(p), false)
 	if err != nil {
 		return f.ioError("read", len(p), off, err)
 	}
@@ -318,11 +322,13 @@ func (f *File) WriteAt(ctx context.Context, p []byte, off int64) error {
 		return err
 	}
 	var err error
+	f.ranges.lock(off, len(p), true)
 	if f.dio != nil {
 		err = f.dio.writeAt(f.io, p, f.off+off)
 	} else {
 		_, err = f.io.WriteAt(p, f.off+off)
 	}
+	f.ranges.unlock(off, len(p), true)
 	if err != nil {
 		return f.ioError("write", len(p), off, err)
 	}
