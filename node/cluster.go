@@ -25,6 +25,10 @@ import (
 	"github.com/vblade-ha/vblade-ha/storage"
 )
 
+// logCacheSize is the number of newest Raft log entries kept in memory (a
+// write entry is at most a jumbo frame's sectors, ~9 KiB: at most ~36 MiB).
+const logCacheSize = 4096
+
 // Node is one member of a vblade-ha cluster: the local images, the Raft
 // instance that replicates them, and the AoE targets that answer only while
 // this node leads.
@@ -181,7 +185,14 @@ func NewNode(cfg *Config, log *slog.Logger) (*Node, error) {
 	if err := raft.ValidateConfig(rc); err != nil {
 		return nil, fmt.Errorf("raft settings: %w", err)
 	}
-	n.raft, err = raft.NewRaft(rc, n.fsm, n.bolt, n.bolt, n.snaps, n.trans)
+	// The leader sends each entry to every follower soon after writing it:
+	// an in-memory cache of the newest entries spares a bolt read
+	// transaction per AppendEntries (as rqlite does).
+	logs, err := raft.NewLogCache(logCacheSize, n.bolt)
+	if err != nil {
+		return nil, fmt.Errorf("raft log cache: %w", err)
+	}
+	n.raft, err = raft.NewRaft(rc, n.fsm, logs, n.bolt, n.snaps, n.trans)
 	if err != nil {
 		return nil, fmt.Errorf("start raft: %w", err)
 	}
