@@ -5,7 +5,7 @@ DESTDIR ?=
 GOFLAGS ?=
 export GOFLAGS
 
-.PHONY: all build test unit e2e bench fuzz fuzz-ci vet fmt clean install man
+.PHONY: all build test unit faults-ci e2e bench fuzz fuzz-ci vet fmt clean install man
 
 all: build
 
@@ -15,13 +15,20 @@ build:
 # The whole suite, as CI runs it: vet, unit and integration tests under the
 # race detector (the namespace tests need root, as CI is), then the end-to-end
 # check against the real Linux aoe driver in QEMU.
-test: build vet unit fuzz-ci e2e
+test: build vet unit faults-ci fuzz-ci e2e
 
 fuzz-ci:
 	$(MAKE) fuzz FUZZTIME=10s
 
 unit:
-	$(GO) test -race -count=1 -timeout 30m ./...
+	$(GO) test -race -count=1 -timeout 30m -skip '^TestFaults$$' ./...
+
+# The fault suite with CI's budget (7 minutes of nemesis over a 3- and a
+# 5-node cluster, about 100-120 faults), verbose so that its report (faults
+# by kind, operations, lost writes, linearizability, longest stall) is in
+# the CI log.
+faults-ci:
+	$(GO) test -race -count=1 -timeout 30m -v -run '^TestFaults$$' ./test/faults/ -faults.duration=7m
 
 vet:
 	$(GO) vet ./...
