@@ -51,7 +51,7 @@ func classicLetters() []string {
 			continue
 		}
 		var errb bytes.Buffer
-		parseClassic([]string{"-" + string(c), "1", "1", "2", "eth0", "f"}, &errb)
+		parseClassic([]string{"-" + string(c), "1", "1", "2", "aoe0", "f"}, &errb)
 		if !strings.Contains(errb.String(), "invalid option") {
 			got = append(got, string(c))
 		}
