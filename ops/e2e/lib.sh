@@ -5,10 +5,10 @@
 #
 # Network of one run (every name carries the runner's PID, so concurrent runs and the shared harness,
 # whose namespaces are "aoelx-*", never collide):
-#   ns vbha-e2e-<pid>-br : bridge br0, tap0 (QEMU runs here; guest eth0 $E2E_GUEST_MAC), ports p1..pN
+#   ns vbha-e2e-<pid>-br : bridge br0, tap0 (QEMU runs here; guest NIC MAC $E2E_GUEST_MAC), ports p1..pN
 #   ns vbha-e2e-<pid>-tI : target I: veth "aoe0", MAC 02:00:00:e2:0I:01, IPv4 10.99.200.I/24
 #                          (the address is for node-to-node traffic of a cluster; AoE needs none)
-# Nothing is attached to eth0 or to any interface this file did not create. Processes are stopped by PID.
+# Nothing is attached to the host's own interfaces, only to what this file creates. Processes are stopped by PID.
 
 set -o pipefail
 
