@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"os"
 	"os/user"
 	"path/filepath"
@@ -161,6 +162,13 @@ func (a *adminServer) localHandler() http.Handler {
 	m.HandleFunc("POST /v1/cluster/leave", a.handleLeave)
 	m.HandleFunc("POST /v1/cluster/transfer", a.handleTransfer)
 	m.HandleFunc("POST /v1/cluster/verify", a.handleVerify)
+	// Go's profiler, for the operator only (the socket is root's, or
+	// admin_group's): the one way to see where a node's CPU goes under load
+	// without restarting it. Never on the peer port.
+	m.HandleFunc("GET /debug/pprof/", pprof.Index)
+	m.HandleFunc("GET /debug/pprof/profile", pprof.Profile)
+	m.HandleFunc("GET /debug/pprof/trace", pprof.Trace)
+	m.HandleFunc("GET /debug/pprof/symbol", pprof.Symbol)
 	return withBodyLimit(m)
 }
 

@@ -58,6 +58,8 @@ var (
 	descRaftContact   = desc("raft_last_contact_seconds", "Seconds since this follower last heard from the leader (0 on the leader).")
 	descRaftChanges   = desc("raft_leadership_changes_total", "Times this node gained or lost leadership.")
 	descDupWrites     = desc("replicated_duplicate_writes_total", "Retransmitted writes the log carried twice and this node applied once.")
+	descWriteProps    = desc("replicated_write_proposals_total", "Log entries this node proposed for writes while leading (group commit: one entry carries every write that arrived while the previous one was in flight).")
+	descWritesProp    = desc("replicated_writes_proposed_total", "Writes carried by those entries; divided by replicated_write_proposals_total, the mean group size.")
 	descRaftServers   = desc("raft_servers", "Servers in the cluster configuration, this one included.")
 	descReady         = desc("node_ready", "1 when the node is a member of a cluster with a leader and has applied the committed log (systemd READY=1).")
 	descXferBytes     = desc("image_transfer_bytes", "Bytes moved by the current or last full-image transfer.", "direction")
@@ -152,7 +154,7 @@ func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descCommands, descBytes, descATAErrors, descAoEErrors, descDropped,
 		descServing, descSize, descReceived, descSent, descMalformed, descNoTarget, descSendErrors, descBroadcast,
 		descKernelDrops, descRaftState, descRaftTerm, descRaftLastIndex, descRaftCommit, descRaftApplied, descRaftLag,
-		descRaftContact, descRaftChanges, descDupWrites, descRaftServers, descReady, descXferBytes, descXferTotal, descXferActive,
+		descRaftContact, descRaftChanges, descDupWrites, descWriteProps, descWritesProp, descRaftServers, descReady, descXferBytes, descXferTotal, descXferActive,
 		descXferIndex, descXferFailed, descBuildInfo} {
 		ch <- d
 	}
@@ -236,6 +238,9 @@ func (n *Node) collect(gauge func(*prometheus.Desc, float64, ...string), counter
 	}
 	counter(descRaftChanges, n.changes.Load())
 	counter(descDupWrites, n.fsm.DuplicateWrites())
+	props, writes := n.repl.WriteStats()
+	counter(descWriteProps, props)
+	counter(descWritesProp, writes)
 	if f := r.GetConfiguration(); f.Error() == nil {
 		gauge(descRaftServers, float64(len(f.Configuration().Servers)))
 	}

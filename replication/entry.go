@@ -14,16 +14,22 @@ import (
 	"github.com/vblade-ha/vblade-ha/aoe"
 )
 
-// EntryVersion is the encoding version written in the first byte of every
-// entry. A node refuses (fatally) an entry with a version it does not know
+// EntryVersion is the newest encoding version, written in the first byte of
+// an entry. A node refuses (fatally) an entry with a version it does not know
 // rather than guessing: the fix is to upgrade that node. Version 2 added the
 // request identity (source MAC and tag) to Write entries; version 1 entries
 // (written before) still decode, as writes without identity, so a log written
-// by an older node replays.
+// by an older node replays. Version 3 added Batch entries. An entry is written
+// at the lowest version that can hold it (Batch: 3, others: 2), so a version 2
+// node still reads every entry but a Batch.
 const (
-	EntryVersion       = 2
+	EntryVersion       = 3
+	entryVersionSingle = 2 // what every entry but a Batch is written at
 	entryVersionLegacy = 1 // Write entries without a request identity
 )
+
+// MaxBatch bounds the number of entries in one Batch entry.
+const MaxBatch = 4096
 
 // MaxWriteLen bounds the payload of one Write entry. The engine writes at most
 // one frame's worth of sectors (a few KiB even with jumbo frames); the bound
@@ -71,6 +77,7 @@ const (
 	OpAddTarget    Op = 3 // add a target of a given size to the replicated set
 	OpRemoveTarget Op = 4 // remove a target from the replicated set
 	OpNoop         Op = 5 // changes nothing; useful to force a new index
+	OpBatch        Op = 6 // several entries (no Batch among them), applied in order
 )
 
 func (o Op) String() string {
@@ -85,13 +92,15 @@ func (o Op) String() string {
 		return "remove-target"
 	case OpNoop:
 		return "noop"
+	case OpBatch:
+		return "batch"
 	}
 	return fmt.Sprintf("op(%d)", uint8(o))
 }
 
 // Entry is one replicated command. Which fields matter depends on Op:
 // Write uses Offset, Data and Request, SetState uses State, AddTarget and
-// RemoveTarget use Size.
+// RemoveTarget use Size, Batch uses Batch (and has a zero Target).
 type Entry struct {
 	Op     Op
 	Target TargetID
@@ -104,6 +113,10 @@ type Entry struct {
 	Request aoe.RequestID
 	State   aoe.TargetState // SetState
 	Size    int64           // AddTarget, RemoveTarget: image size in bytes
+	// Batch holds a Batch entry's entries: the leader's group commit puts
+	// the writes that arrive while earlier proposals are in flight into
+	// one log entry (see DESIGN.md, "Group commit").
+	Batch []Entry
 }
 
 // ErrCorruptEntry is wrapped by every EntryError caused by bytes that do not
@@ -149,7 +162,13 @@ func (e *Entry) MarshalBinary() ([]byte, error) {
 }
 
 func (e *Entry) encodedLen() int {
-	n := headerLen + trailerLen
+	return 1 + e.bareLen() + trailerLen
+}
+
+// bareLen is the length of e's encoding without version and checksum, as it
+// is held inside a Batch.
+func (e *Entry) bareLen() int {
+	n := headerLen - 1
 	switch e.Op {
 	case OpWrite:
 		n += 6 + 4 + 8 + len(e.Data)
@@ -157,6 +176,11 @@ func (e *Entry) encodedLen() int {
 		n += 2 + len(e.State.Config) + 1 + 6*len(e.State.Masks) + 2 + 6*len(e.State.Reservations)
 	case OpAddTarget, OpRemoveTarget:
 		n += 8
+	case OpBatch:
+		n += 2
+		for i := range e.Batch {
+			n += 4 + e.Batch[i].bareLen()
+		}
 	}
 	return n
 }
@@ -167,28 +191,43 @@ func (e *Entry) encodedLen() int {
 //
 // Bodies: Write: src(6) tag(4) offset(8) data(rest); SetState: configLen(2)
 // config nMasks(1) masks(6 each) nRes(2) reservations(6 each); AddTarget and
-// RemoveTarget: size(8); Noop: empty. The encoding is canonical: one Entry has
-// exactly one encoding, which the fuzz test checks. (A version 1 Write, still
-// decoded, has no src and tag; decoding and re-encoding it at version 1 gives
-// the same bytes.)
+// RemoveTarget: size(8); Noop: empty; Batch (shelf and slot zero): n(2), then
+// n times len(4) and an entry of len bytes without version and checksum
+// (op shelf slot body; the Batch's version and checksum cover it). The
+// encoding is canonical: one Entry has exactly one encoding at a version,
+// which the fuzz test checks. (A version 1 Write, still decoded, has no src
+// and tag; decoding and re-encoding it at version 1 gives the same bytes.)
 func (e *Entry) AppendBinary(b []byte) ([]byte, error) {
-	return e.appendVersion(b, EntryVersion)
+	v := byte(entryVersionSingle)
+	if e.Op == OpBatch {
+		v = EntryVersion
+	}
+	return e.appendVersion(b, v)
 }
 
-// appendVersion encodes e at version v (EntryVersion, or the legacy version
-// for tests and the fuzz check of legacy input).
+// appendVersion encodes e at version v (what AppendBinary picks, or the
+// legacy version for tests and the fuzz check of legacy input).
 func (e *Entry) appendVersion(b []byte, v byte) ([]byte, error) {
 	if err := e.validate(); err != nil {
 		return b, err
 	}
 	switch {
+	case v < entryVersionLegacy || v > EntryVersion:
+		return b, invalid("unknown entry version %d", v)
 	case v == entryVersionLegacy && e.Op == OpWrite && e.Request != (aoe.RequestID{}):
 		return b, invalid("version %d write entries carry no request identity", v)
-	case v != EntryVersion && v != entryVersionLegacy:
-		return b, invalid("unknown entry version %d", v)
+	case v < EntryVersion && e.Op == OpBatch:
+		return b, invalid("version %d has no batch entries", v)
 	}
 	start := len(b)
-	b = append(b, v, byte(e.Op))
+	b = append(b, v)
+	b = e.appendBare(b, v)
+	return binary.BigEndian.AppendUint32(b, crc32.Checksum(b[start:], castagnoli)), nil
+}
+
+// appendBare appends op, shelf, slot and body of the validated entry e.
+func (e *Entry) appendBare(b []byte, v byte) []byte {
+	b = append(b, byte(e.Op))
 	b = binary.BigEndian.AppendUint16(b, e.Target.Shelf)
 	b = append(b, e.Target.Slot)
 	switch e.Op {
@@ -203,8 +242,16 @@ func (e *Entry) appendVersion(b []byte, v byte) ([]byte, error) {
 		b = appendState(b, e.State)
 	case OpAddTarget, OpRemoveTarget:
 		b = binary.BigEndian.AppendUint64(b, uint64(e.Size))
+	case OpBatch:
+		b = binary.BigEndian.AppendUint16(b, uint16(len(e.Batch)))
+		for i := range e.Batch {
+			at := len(b)
+			b = append(b, 0, 0, 0, 0)
+			b = e.Batch[i].appendBare(b, v)
+			binary.BigEndian.PutUint32(b[at:], uint32(len(b)-at-4))
+		}
 	}
-	return binary.BigEndian.AppendUint32(b, crc32.Checksum(b[start:], castagnoli)), nil
+	return b
 }
 
 func (e *Entry) validate() error {
@@ -223,8 +270,26 @@ func (e *Entry) validate() error {
 			return invalid("target size %d is not a positive multiple of %d", e.Size, SectorSize)
 		}
 	case OpNoop:
+	case OpBatch:
+		if e.Target != (TargetID{}) {
+			return invalid("batch entry names target %v (its entries name theirs)", e.Target)
+		}
+		if len(e.Batch) == 0 || len(e.Batch) > MaxBatch {
+			return invalid("batch of %d entries (want 1..%d)", len(e.Batch), MaxBatch)
+		}
+		for i := range e.Batch {
+			if e.Batch[i].Op == OpBatch {
+				return invalid("batch entry %d is a batch", i)
+			}
+			if err := e.Batch[i].validate(); err != nil {
+				return err
+			}
+		}
 	default:
 		return invalid("unknown op %d", uint8(e.Op))
+	}
+	if e.Op != OpBatch && e.Batch != nil {
+		return invalid("%v entry carries a batch", e.Op)
 	}
 	return nil
 }
@@ -268,18 +333,28 @@ func DecodeEntry(b []byte) (Entry, error) {
 		return e, corrupt("checksum mismatch (stored %08x, computed %08x)", sum, got)
 	}
 	version := body[0]
-	if version != EntryVersion && version != entryVersionLegacy {
+	if version < entryVersionLegacy || version > EntryVersion {
 		return e, &EntryError{
-			Reason: fmt.Sprintf("version %d, this node understands %d and %d: upgrade this node", version, entryVersionLegacy, EntryVersion),
+			Reason: fmt.Sprintf("version %d, this node understands %d to %d: upgrade this node", version, entryVersionLegacy, EntryVersion),
 			Err:    ErrUnsupportedVersion,
 		}
 	}
-	e.Op = Op(body[1])
-	e.Target = TargetID{Shelf: binary.BigEndian.Uint16(body[2:4]), Slot: body[4]}
-	p := body[headerLen:]
+	return decodeBare(body[1:], version, true)
+}
+
+// decodeBare decodes op, shelf, slot and body (all of p) at version v; a Batch
+// only where batchOK (not inside another).
+func decodeBare(p []byte, v byte, batchOK bool) (Entry, error) {
+	var e Entry
+	if len(p) < headerLen-1 {
+		return e, corrupt("%d bytes is shorter than an entry header (%d)", len(p), headerLen-1)
+	}
+	e.Op = Op(p[0])
+	e.Target = TargetID{Shelf: binary.BigEndian.Uint16(p[1:3]), Slot: p[3]}
+	p = p[headerLen-1:]
 	switch e.Op {
 	case OpWrite:
-		if version != entryVersionLegacy {
+		if v != entryVersionLegacy {
 			if len(p) < 10 {
 				return Entry{}, corrupt("write entry truncated (%d body bytes)", len(p))
 			}
@@ -320,6 +395,41 @@ func DecodeEntry(b []byte) (Entry, error) {
 	case OpNoop:
 		if len(p) != 0 {
 			return Entry{}, corrupt("noop entry carries %d body bytes", len(p))
+		}
+	case OpBatch:
+		if !batchOK || v < EntryVersion {
+			return Entry{}, corrupt("batch entry inside a batch or at version %d", v)
+		}
+		if e.Target != (TargetID{}) {
+			return Entry{}, corrupt("batch entry names target %v", e.Target)
+		}
+		if len(p) < 2 {
+			return Entry{}, corrupt("batch entry truncated (%d body bytes)", len(p))
+		}
+		n := int(binary.BigEndian.Uint16(p))
+		p = p[2:]
+		if n == 0 || n > MaxBatch {
+			return Entry{}, corrupt("batch of %d entries (want 1..%d)", n, MaxBatch)
+		}
+		e.Batch = make([]Entry, n)
+		for i := range e.Batch {
+			if len(p) < 4 {
+				return Entry{}, corrupt("batch entry %d of %d truncated", i, n)
+			}
+			l := binary.BigEndian.Uint32(p)
+			p = p[4:]
+			if uint64(l) > uint64(len(p)) {
+				return Entry{}, corrupt("batch entry %d of %d claims %d bytes, %d left", i, n, l, len(p))
+			}
+			sub, err := decodeBare(p[:l], v, false)
+			if err != nil {
+				return Entry{}, err
+			}
+			e.Batch[i] = sub
+			p = p[l:]
+		}
+		if len(p) != 0 {
+			return Entry{}, corrupt("batch entry has %d trailing bytes", len(p))
 		}
 	default:
 		return Entry{}, corrupt("unknown op %d", uint8(e.Op))

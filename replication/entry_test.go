@@ -27,7 +27,27 @@ func sampleEntries() map[string]Entry {
 		"add target":    {Op: OpAddTarget, Target: TargetID{1, 0}, Size: 1 << 30},
 		"remove target": {Op: OpRemoveTarget, Target: TargetID{1, 0}, Size: 512},
 		"noop":          {Op: OpNoop},
+		"batch": {Op: OpBatch, Batch: []Entry{
+			{Op: OpWrite, Target: TargetID{1, 0}, Offset: 512, Data: pattern(4, 1024), Request: aoe.RequestID{Src: mac, Tag: 7}},
+			{Op: OpWrite, Target: TargetID{1, 1}, Offset: 0, Data: pattern(5, 512)},
+			{Op: OpSetState, Target: TargetID{1, 0}, State: aoe.TargetState{Config: []byte("c")}},
+		}},
+		"batch of one": {Op: OpBatch, Batch: []Entry{{Op: OpNoop}}},
 	}
+}
+
+// sameEntry reports whether a and b are the same entry (Batch included).
+func sameEntry(a, b Entry) bool {
+	if a.Op != b.Op || a.Target != b.Target || a.Offset != b.Offset || a.Size != b.Size || a.Request != b.Request ||
+		!bytes.Equal(a.Data, b.Data) || !a.State.Equal(b.State) || len(a.Batch) != len(b.Batch) {
+		return false
+	}
+	for i := range a.Batch {
+		if !sameEntry(a.Batch[i], b.Batch[i]) {
+			return false
+		}
+	}
+	return true
 }
 
 func TestEntryRoundTrip(t *testing.T) {
@@ -44,9 +64,15 @@ func TestEntryRoundTrip(t *testing.T) {
 			if err != nil {
 				t.Fatalf("decode: %v", err)
 			}
-			if got.Op != e.Op || got.Target != e.Target || got.Offset != e.Offset || got.Size != e.Size || got.Request != e.Request ||
-				!bytes.Equal(got.Data, e.Data) || !got.State.Equal(e.State) {
+			if !sameEntry(got, e) {
 				t.Fatalf("round trip changed the entry:\n got %+v\nwant %+v", got, e)
+			}
+			want := byte(entryVersionSingle)
+			if e.Op == OpBatch {
+				want = EntryVersion
+			}
+			if b[0] != want {
+				t.Errorf("written at version %d, want %d (the lowest that holds it)", b[0], want)
 			}
 		})
 	}
@@ -65,8 +91,14 @@ func TestEntryMarshalRejectsInvalid(t *testing.T) {
 		"too many masks":   {Op: OpSetState, State: aoe.TargetState{Masks: make([]aoe.MAC, aoe.MaxMasks+1)}},
 		"too many reservations": {Op: OpSetState, State: aoe.TargetState{
 			Reservations: make([]aoe.MAC, aoe.MaxReservations+1)}},
-		"zero size":      {Op: OpAddTarget},
-		"unaligned size": {Op: OpRemoveTarget, Size: 1000},
+		"zero size":        {Op: OpAddTarget},
+		"unaligned size":   {Op: OpRemoveTarget, Size: 1000},
+		"empty batch":      {Op: OpBatch},
+		"nested batch":     {Op: OpBatch, Batch: []Entry{{Op: OpBatch, Batch: []Entry{{Op: OpNoop}}}}},
+		"batch target":     {Op: OpBatch, Target: TargetID{1, 0}, Batch: []Entry{{Op: OpNoop}}},
+		"invalid in batch": {Op: OpBatch, Batch: []Entry{{Op: OpNoop}, {Op: OpWrite}}},
+		"batch on write":   {Op: OpWrite, Data: make([]byte, 512), Batch: []Entry{{Op: OpNoop}}},
+		"huge batch":       {Op: OpBatch, Batch: make([]Entry, MaxBatch+1)},
 	} {
 		t.Run(name, func(t *testing.T) {
 			if _, err := e.MarshalBinary(); !errors.Is(err, ErrInvalidEntry) {
@@ -87,6 +119,8 @@ func TestDecodeEntryRejectsCorrupt(t *testing.T) {
 	good, _ := (&Entry{Op: OpWrite, Target: TargetID{1, 0}, Data: pattern(3, 1024)}).MarshalBinary()
 	state, _ := (&Entry{Op: OpSetState, State: aoe.TargetState{Config: []byte("x")}}).MarshalBinary()
 	add, _ := (&Entry{Op: OpAddTarget, Size: 4096}).MarshalBinary()
+	batch, _ := (&Entry{Op: OpBatch, Batch: []Entry{{Op: OpNoop}, {Op: OpAddTarget, Size: 4096}}}).MarshalBinary()
+	// batch: 3 1 0 0 0 | n=2 | len=4 5 0 0 0 | len=12 3 0 0 0 size(8) | crc
 	mod := func(b []byte, f func([]byte) []byte) []byte { return f(append([]byte(nil), b...)) }
 	for _, tc := range []struct {
 		name   string
@@ -98,7 +132,15 @@ func TestDecodeEntryRejectsCorrupt(t *testing.T) {
 		{"truncated", good[:len(good)-1], ErrCorruptEntry, "checksum"},
 		{"bit flip", mod(good, func(b []byte) []byte { b[20] ^= 1; return b }), ErrCorruptEntry, "checksum"},
 		{"bad checksum", mod(good, func(b []byte) []byte { b[len(b)-1] ^= 0xff; return b }), ErrCorruptEntry, "checksum"},
-		{"future version", reseal(mod(good, func(b []byte) []byte { b[0] = 3; return b })), ErrUnsupportedVersion, "upgrade"},
+		{"future version", reseal(mod(good, func(b []byte) []byte { b[0] = EntryVersion + 1; return b })), ErrUnsupportedVersion, "upgrade"},
+		{"batch at version 2", reseal(mod(batch, func(b []byte) []byte { b[0] = 2; return b })), ErrCorruptEntry, "batch"},
+		{"batch with target", reseal(mod(batch, func(b []byte) []byte { b[4] = 1; return b })), ErrCorruptEntry, "names target"},
+		{"batch count zero", reseal(mod(batch, func(b []byte) []byte { b[6] = 0; return b })), ErrCorruptEntry, "entries"},
+		{"batch count too high", reseal(mod(batch, func(b []byte) []byte { b[6] = 3; return b })), ErrCorruptEntry, "truncated"},
+		{"batch count too low", reseal(mod(batch, func(b []byte) []byte { b[6] = 1; return b })), ErrCorruptEntry, "trailing"},
+		{"batch length overflow", reseal(mod(batch, func(b []byte) []byte { b[7] = 0xff; return b })), ErrCorruptEntry, "claims"},
+		{"batch in batch", reseal(mod(batch, func(b []byte) []byte { b[11] = byte(OpBatch); return b })), ErrCorruptEntry, "inside a batch"},
+		{"batch short entry", reseal(mod(batch, func(b []byte) []byte { b[10] = 2; return b })), ErrCorruptEntry, "header"},
 		{"version zero", reseal(mod(good, func(b []byte) []byte { b[0] = 0; return b })), ErrUnsupportedVersion, "upgrade"},
 		{"unknown op", reseal(mod(good, func(b []byte) []byte { b[1] = 42; return b })), ErrCorruptEntry, "unknown op"},
 		{"partial sector", reseal(append(append([]byte(nil), good[:len(good)-5]...), 0, 0, 0, 0)), ErrCorruptEntry, "whole sectors"},
@@ -128,9 +170,9 @@ func TestDecodeEntryRejectsCorrupt(t *testing.T) {
 // version 1) still replays; its writes have no identity.
 func TestDecodeLegacyEntries(t *testing.T) {
 	for name, e := range sampleEntries() {
-		if e.Request != (aoe.RequestID{}) {
+		if e.Request != (aoe.RequestID{}) || e.Op == OpBatch {
 			if _, err := e.appendVersion(nil, entryVersionLegacy); !errors.Is(err, ErrInvalidEntry) {
-				t.Errorf("%s: encoding an identity at version 1: %v, want ErrInvalidEntry", name, err)
+				t.Errorf("%s: encoding an identity or a batch at version 1: %v, want ErrInvalidEntry", name, err)
 			}
 			continue
 		}
@@ -149,8 +191,8 @@ func TestDecodeLegacyEntries(t *testing.T) {
 			got.Request != (aoe.RequestID{}) || !bytes.Equal(got.Data, e.Data) || !got.State.Equal(e.State) {
 			t.Fatalf("%s: legacy decode changed the entry:\n got %+v\nwant %+v", name, got, e)
 		}
-		if cur, _ := e.MarshalBinary(); cur[0] != EntryVersion {
-			t.Fatalf("%s: new entries must be written at version %d", name, EntryVersion)
+		if cur, _ := e.MarshalBinary(); cur[0] != entryVersionSingle {
+			t.Fatalf("%s: new entries must be written at version %d", name, entryVersionSingle)
 		}
 	}
 	// The exact bytes an older node wrote for a one-sector write at 512.

@@ -58,6 +58,28 @@ func (e *RejectedError) Error() string {
 
 func (e *RejectedError) Unwrap() error { return e.Err }
 
+// BatchError is the response to a Batch entry some of whose entries were
+// rejected: Errs[i] is the *RejectedError of the Batch's entry i, or nil if
+// that entry was applied. (A Batch whose entries all applied answers nil; a
+// fatal failure answers the node's *FatalError, as for any entry.)
+type BatchError struct {
+	Index uint64
+	Errs  []error
+}
+
+func (e *BatchError) Error() string {
+	n, first := 0, error(nil)
+	for _, err := range e.Errs {
+		if err != nil {
+			if first == nil {
+				first = err
+			}
+			n++
+		}
+	}
+	return fmt.Sprintf("replication: log entry %d: %d of %d batched entries rejected, first: %v", e.Index, n, len(e.Errs), first)
+}
+
 // FatalError means this node cannot apply the log any further: a local disk
 // failed (ENOSPC, EIO), a local image does not match the replicated target, or
 // an entry is unreadable. The FSM stops applying at Index (it never applies a
@@ -131,6 +153,9 @@ type FSM struct {
 	// duplicates counts identified writes skipped because the same write
 	// was applied before (retransmissions).
 	duplicates atomic.Uint64
+
+	// scratch joins a Batch's adjacent writes (used under applyMu only).
+	scratch []byte
 }
 
 var (
@@ -223,11 +248,144 @@ func (f *FSM) applyCommand(l *raft.Log) error {
 		// only safe move is to stop before the hole.
 		return &FatalError{Index: l.Index, Op: "decode", Err: err}
 	}
+	if e.Op != OpBatch {
+		return f.applyEntry(l.Index, &e)
+	}
+	// A Batch: its entries in order, as if each had an index of its own.
+	// A fatal failure stops the batch where it happened; the node stops
+	// there (a restart replays the whole batch, whose writes land the same
+	// way again). Rejections are reported entry by entry. Writes that
+	// continue each other (same target, each starting where the previous
+	// ended, as a sequential writer's window does) go to the image as one
+	// write; the result is the same as writing them one by one in order.
+	var errs []error
+	var run writeRun
+	for i := range e.Batch {
+		sub := &e.Batch[i]
+		var err error
+		if sub.Op == OpWrite {
+			var apply bool
+			if apply, err = f.admitWrite(l.Index, sub); apply {
+				if !run.extends(sub) {
+					if err := f.flushRun(l.Index, &run); err != nil {
+						return err
+					}
+				}
+				run.add(sub)
+				continue
+			}
+		} else {
+			if err := f.flushRun(l.Index, &run); err != nil {
+				return err
+			}
+			err = f.applyEntry(l.Index, sub)
+		}
+		if err == nil {
+			continue
+		}
+		if _, ok := err.(*FatalError); ok {
+			return err
+		}
+		if errs == nil {
+			errs = make([]error, len(e.Batch))
+		}
+		errs[i] = err
+	}
+	if err := f.flushRun(l.Index, &run); err != nil {
+		return err
+	}
+	if errs != nil {
+		return &BatchError{Index: l.Index, Errs: errs}
+	}
+	return nil
+}
+
+// writeRun is a sequence of admitted writes to one target, each starting
+// where the previous one ended.
+type writeRun struct {
+	target TargetID
+	offset int64
+	parts  [][]byte
+	n      int
+}
+
+func (r *writeRun) extends(e *Entry) bool {
+	return len(r.parts) > 0 && e.Target == r.target && e.Offset == r.offset+int64(r.n) && r.n+len(e.Data) <= MaxWriteLen
+}
+
+func (r *writeRun) add(e *Entry) {
+	if len(r.parts) == 0 {
+		r.target, r.offset = e.Target, e.Offset
+	}
+	r.parts = append(r.parts, e.Data)
+	r.n += len(e.Data)
+}
+
+// flushRun writes r to its image and empties it. The FSM's scratch buffer
+// joins the parts; it is only used under applyMu.
+func (f *FSM) flushRun(index uint64, r *writeRun) error {
+	if len(r.parts) == 0 {
+		return nil
+	}
+	data := r.parts[0]
+	if len(r.parts) > 1 {
+		f.scratch = f.scratch[:0]
+		for _, p := range r.parts {
+			f.scratch = append(f.scratch, p...)
+		}
+		data = f.scratch
+	}
+	err := f.writeImage(index, r.target, data, r.offset)
+	r.parts, r.n = r.parts[:0], 0
+	return err
+}
+
+// admitWrite decides whether the write e of the entry at index is applied:
+// (true, nil) to write it, (false, nil) for a retransmission already applied
+// (acknowledged without writing), (false, *RejectedError) for a write every
+// node refuses.
+func (f *FSM) admitWrite(index uint64, e *Entry) (bool, error) {
+	f.mu.RLock()
+	t := f.targets[e.Target]
+	f.mu.RUnlock()
 	reject := func(format string, args ...any) error {
-		return &RejectedError{Index: l.Index, Op: e.Op, Target: e.Target, Err: fmt.Errorf(format, args...)}
+		return &RejectedError{Index: index, Op: e.Op, Target: e.Target, Err: fmt.Errorf(format, args...)}
+	}
+	if t == nil {
+		return false, reject("%w", ErrUnknownTarget)
+	}
+	if e.Offset+int64(len(e.Data)) > t.Size {
+		return false, reject("write of %d bytes at %d is beyond the %d-byte image", len(e.Data), e.Offset, t.Size)
+	}
+	if e.Request.Src != (aoe.MAC{}) && f.seenOrRecord(*e) {
+		// The retransmission of a write already applied: applying it
+		// again could roll back later writes to the same blocks. Every
+		// node decides the same way (the table is replicated state), and
+		// the copy is acknowledged like the original.
+		f.duplicates.Add(1)
+		return false, nil
+	}
+	return true, nil
+}
+
+// writeImage writes data at off to target's local image.
+func (f *FSM) writeImage(index uint64, target TargetID, data []byte, off int64) error {
+	// Background context: an apply is never abandoned halfway, the image
+	// must end up with the entry or the node stops.
+	if err := f.disks[target].WriteAt(context.Background(), data, off); err != nil {
+		return &FatalError{Index: index, Target: target, Op: "write",
+			Err: fmt.Errorf("local image write of %d bytes at %d: %w", len(data), off, err)}
+	}
+	return nil
+}
+
+// applyEntry applies one entry (not a Batch) of the log entry at index.
+func (f *FSM) applyEntry(index uint64, e *Entry) error {
+	reject := func(format string, args ...any) error {
+		return &RejectedError{Index: index, Op: e.Op, Target: e.Target, Err: fmt.Errorf(format, args...)}
 	}
 	fatal := func(op string, err error) error {
-		return &FatalError{Index: l.Index, Target: e.Target, Op: op, Err: err}
+		return &FatalError{Index: index, Target: e.Target, Op: op, Err: err}
 	}
 
 	f.mu.RLock()
@@ -239,26 +397,11 @@ func (f *FSM) applyCommand(l *raft.Log) error {
 		return nil
 
 	case OpWrite:
-		if t == nil {
-			return reject("%w", ErrUnknownTarget)
+		apply, err := f.admitWrite(index, e)
+		if !apply {
+			return err
 		}
-		if e.Offset+int64(len(e.Data)) > t.Size {
-			return reject("write of %d bytes at %d is beyond the %d-byte image", len(e.Data), e.Offset, t.Size)
-		}
-		if e.Request.Src != (aoe.MAC{}) && f.seenOrRecord(e) {
-			// The retransmission of a write already applied: applying it
-			// again could roll back later writes to the same blocks.
-			// Every node decides the same way (the table is replicated
-			// state), and the copy is acknowledged like the original.
-			f.duplicates.Add(1)
-			return nil
-		}
-		// Background context: an apply is never abandoned halfway, the
-		// image must end up with the entry or the node stops.
-		if err := f.disks[e.Target].WriteAt(context.Background(), e.Data, e.Offset); err != nil {
-			return fatal("write", fmt.Errorf("local image write of %d bytes at %d: %w", len(e.Data), e.Offset, err))
-		}
-		return nil
+		return f.writeImage(index, e.Target, e.Data, e.Offset)
 
 	case OpSetState:
 		if t == nil {

@@ -27,6 +27,13 @@ type ReplicatorOptions struct {
 	// Timeout bounds a proposal whose context has no deadline
 	// (DefaultTimeout when zero).
 	Timeout time.Duration
+	// MaxLinger bounds how long a finished write proposal waits for the
+	// rest of the initiators' window before the next one is proposed
+	// (DefaultMaxLinger when zero, no waiting when negative; see group.go).
+	MaxLinger time.Duration
+	// MaxBatchBytes bounds the encoded writes in one Batch entry
+	// (DefaultMaxBatch when zero).
+	MaxBatchBytes int
 }
 
 // Replicator proposes entries on the leader and waits until they are
@@ -36,6 +43,7 @@ type Replicator struct {
 	raft    Raft
 	fsm     *FSM
 	timeout time.Duration
+	writes  *committer
 }
 
 var _ aoe.StateStore = (*Replicator)(nil)
@@ -47,7 +55,9 @@ func NewReplicator(r Raft, fsm *FSM, opts ReplicatorOptions) *Replicator {
 	if t <= 0 {
 		t = DefaultTimeout
 	}
-	return &Replicator{raft: r, fsm: fsm, timeout: t}
+	p := &Replicator{raft: r, fsm: fsm, timeout: t}
+	p.writes = newCommitter(p, opts.MaxLinger, opts.MaxBatchBytes)
+	return p
 }
 
 func noReply(what string, err error) error {
@@ -165,6 +175,12 @@ func (p *Replicator) Barrier(ctx context.Context) error {
 // no image for.
 var ErrNoLocalImage = errors.New("no local image for target")
 
+// WriteStats reports how many log entries were proposed for writes on this
+// node and how many writes they carried (group commit: see group.go).
+func (p *Replicator) WriteStats() (proposals, writes uint64) {
+	return p.writes.proposals.Load(), p.writes.writes.Load()
+}
+
 // Store returns the replicated aoe.Disk for id.
 func (p *Replicator) Store(id TargetID) (*Store, error) {
 	d := p.fsm.Disk(id)
@@ -218,14 +234,19 @@ func (s *Store) ReadAt(ctx context.Context, p []byte, off int64) error {
 	return nil
 }
 
-// WriteAt implements aoe.Disk: one log entry, acknowledged after commit and
-// apply. p is copied into the entry, so the caller may reuse it at once.
+// WriteAt implements aoe.Disk: a Write entry (alone, or in a Batch with
+// writes that arrived at the same time), acknowledged after commit and apply.
+// p is copied at once, so the caller may reuse it when WriteAt returns, even
+// with an error.
 func (s *Store) WriteAt(ctx context.Context, p []byte, off int64) error {
 	if err := s.check("write", len(p), off); err != nil {
 		return err
 	}
 	e := Entry{Op: OpWrite, Target: s.id, Offset: off, Data: p}
-	return s.rep.propose(ctx, &e, func() string {
+	if err := e.validate(); err != nil {
+		return fmt.Errorf("replication: write %d bytes at %d to %v: %w", len(p), off, s.id, err)
+	}
+	return s.rep.writes.submit(ctx, &e, func() string {
 		return fmt.Sprintf("write %d bytes at %d to %v", len(p), off, s.id)
 	})
 }
@@ -241,7 +262,10 @@ func (s *Store) WriteAtOnce(ctx context.Context, p []byte, off int64, id aoe.Req
 		return err
 	}
 	e := Entry{Op: OpWrite, Target: s.id, Offset: off, Data: p, Request: id}
-	return s.rep.propose(ctx, &e, func() string {
+	if err := e.validate(); err != nil {
+		return fmt.Errorf("replication: write %d bytes at %d to %v: %w", len(p), off, s.id, err)
+	}
+	return s.rep.writes.submit(ctx, &e, func() string {
 		return fmt.Sprintf("write %d bytes at %d to %v (from %v tag %#x)", len(p), off, s.id, id.Src, id.Tag)
 	})
 }

@@ -35,6 +35,8 @@
 #   JOIN_MIB=1024  SOAK_DUR=15m SOAK_WINDOW=64 SOAK_MODE=randwrite
 #   NODE_EXTRA='heartbeat_timeout = "1s"'   extra top-level TOML for every node
 #   KEEP=1         keep the work directory (logs, raw results)
+#   PROFILE=DIR    CPU profiles of every node during each cluster write point
+#                  (go tool pprof DIR/<mtu>-<store>-<mode>-n<i>.pprof)
 #   VBLADE_BIN, VBLADECTL_BIN   prebuilt binaries (default: go build into bin/)
 #
 # Stores: disk = images and Raft data in a directory under /var/tmp;
@@ -362,6 +364,25 @@ record() {
 }
 
 # ---- perf ----
+# profile_nodes NAME: with PROFILE=DIR, CPU-profile every running node (through
+# its admin socket's /debug/pprof) for the first repetition of each cluster
+# write point; wait_profiles waits for those captures to end.
+PROF_PIDS=()
+profile_nodes() {
+	local i secs=${DUR%s}
+	mkdir -p "$PROFILE"
+	for i in "${!NPID[@]}"; do
+		[[ -n ${NPID[$i]} ]] || continue
+		curl -s --max-time $((secs + 10)) --unix-socket "$WORK/n$i.sock" \
+			"http://vblade/debug/pprof/profile?seconds=$secs" -o "$PROFILE/$1-n$i.pprof" &
+		PROF_PIDS+=($!)
+	done
+}
+wait_profiles() {
+	local p
+	for p in "${PROF_PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+	PROF_PIDS=()
+}
 # pidsof IMPL: PIDS = the target processes serving IMPL (all three nodes for the cluster).
 pidsof() {
 	case $1 in
@@ -389,8 +410,10 @@ perf_part() {
 					for impl in cluster vblade; do
 						pidsof "$impl"
 						c0=$(cpu_ticks "${PIDS[@]}")
+						[[ $impl != cluster || $rep != 1 || -z ${PROFILE:-} ]] || profile_nodes "$mtu-$store-$mode"
 						out=$(bench "${TGT[$impl]}" -mode "$mode" -window "$WINDOW" -duration "$DUR") || true
 						c1=$(cpu_ticks "${PIDS[@]}")
+						wait_profiles
 						cpu=$(jq -r --arg d "$((c1 - c0))" --arg hz "$HZ" 'if .ops > 0 then ($d|tonumber) * 1e6 / ($hz|tonumber) / .ops | round | tostring else "-" end' <<<"${out:-null}" 2>/dev/null || echo -)
 						record perf "$mtu" "$store" "$mode" "$impl" "$rep" "$out" "$cpu"
 						log "  $mtu $store $mode $impl #$rep: $(jf iops "$out") IOPS"
