@@ -19,6 +19,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/raft"
 	raftboltdb "github.com/hashicorp/raft-boltdb/v2"
+	"go.etcd.io/bbolt"
 
 	"github.com/vblade-ha/vblade-ha/aoe"
 	"github.com/vblade-ha/vblade-ha/replication"
@@ -111,7 +112,18 @@ func NewNode(cfg *Config, log *slog.Logger) (*Node, error) {
 	}
 	n.fsm = replication.NewFSM(replication.FSMOptions{Disks: disks, Sink: n, OnFatal: n.onFatal})
 	var err error
-	n.bolt, err = raftboltdb.New(raftboltdb.Options{Path: filepath.Join(cfg.DataDir, "raft.db")})
+	n.bolt, err = raftboltdb.New(raftboltdb.Options{Path: filepath.Join(cfg.DataDir, "raft.db"), BoltOptions: &bbolt.Options{
+		// bolt locks the file; without a timeout a second node on the
+		// same data_dir would hang instead of failing with the hint below.
+		Timeout: 2 * time.Second,
+		// The free-page list is rebuilt by a scan at open instead of
+		// being written at every commit: once the log has been compacted
+		// it spans many pages, and each commit (one per Raft round, on
+		// the leader and on every follower) would rewrite them all (etcd
+		// and Consul run bolt the same way).
+		NoFreelistSync: true,
+		FreelistType:   bbolt.FreelistMapType,
+	}})
 	if err != nil {
 		return nil, fmt.Errorf("open raft log %s: %w (is another vblade node using this data_dir?)", filepath.Join(cfg.DataDir, "raft.db"), err)
 	}
