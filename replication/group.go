@@ -54,7 +54,8 @@ type committer struct {
 	// bare entry each) after room for the Batch's header. Encoding at
 	// enqueue copies the data at once: a caller that gives up may reuse its
 	// buffer while its write still waits here.
-	buf []byte
+	buf     []byte
+	lastLen int // length of the last group's buffer
 
 	proposals atomic.Uint64 // log entries proposed for writes
 	writes    atomic.Uint64 // writes they carried
@@ -102,7 +103,9 @@ func (c *committer) submit(ctx context.Context, e *Entry, what func() string) er
 	w.deadline, _ = ctx.Deadline()
 	c.mu.Lock()
 	if len(c.queue) == 0 {
-		c.buf = append(c.buf[:0], make([]byte, batchHeaderLen)...)
+		// A new buffer (the last one went to Raft with its proposal),
+		// sized like the last group so that a window does not regrow it.
+		c.buf = make([]byte, batchHeaderLen, max(c.lastLen, batchHeaderLen+4+e.bareLen())+trailerLen)
 	}
 	at := len(c.buf)
 	c.buf = append(c.buf, 0, 0, 0, 0)
@@ -151,6 +154,7 @@ func (c *committer) takeLocked() *group {
 		n++
 	}
 	g := &group{members: c.queue[:n:n], buf: c.buf[:end]}
+	c.lastLen = end
 	if n == len(c.queue) {
 		// Hand the whole buffer over; the next enqueue starts a new one.
 		c.queue, c.buf = nil, nil
