@@ -9,6 +9,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/hashicorp/raft"
 	"github.com/vblade-ha/vblade-ha/aoe"
 )
 
@@ -20,7 +21,9 @@ import (
 // many small rounds in flight at once; they queue behind each other on the
 // disks and each pays the fixed cost. The committer keeps one write proposal
 // in flight and puts every write that arrives meanwhile into the next one, a
-// single Batch entry.
+// single Batch entry (or a few, proposed together, when large writes make it
+// bigger than MaxBatchBytes: bolt and msgpack copy and grow buffers per
+// entry, and very large entries cost more per byte than a few moderate ones).
 //
 // Initiators keep a window of commands outstanding and send the next ones
 // only as answers come back, so the writes answered by one round return a
@@ -34,7 +37,7 @@ import (
 // Defaults for ReplicatorOptions.
 const (
 	DefaultMaxLinger = time.Millisecond
-	DefaultMaxBatch  = 256 << 10 // bytes of encoded writes in one Batch entry
+	DefaultMaxBatch  = 32 << 10 // bytes of encoded writes in one Batch entry
 )
 
 // committer gathers writes into Batch entries (see above).
@@ -48,14 +51,12 @@ type committer struct {
 	more chan struct{}
 
 	mu      sync.Mutex
-	running bool       // a proposer goroutine owns the pipeline
-	queue   []*pending // waiting for the next proposal, in arrival order
-	// buf holds the queued entries, encoded as inside a Batch (length and
-	// bare entry each) after room for the Batch's header. Encoding at
-	// enqueue copies the data at once: a caller that gives up may reuse its
-	// buffer while its write still waits here.
-	buf     []byte
-	lastLen int // length of the last group's buffer
+	running bool // a proposer goroutine owns the pipeline
+	// queue holds the writes waiting for the next round, in arrival order,
+	// as the log entries they will travel in (each at most maxBytes).
+	queue   []*group
+	queued  int // writes in queue
+	lastLen int // buffer length of the largest entry so far, to size the next
 
 	proposals atomic.Uint64 // log entries proposed for writes
 	writes    atomic.Uint64 // writes they carried
@@ -86,7 +87,11 @@ func newCommitter(p *Replicator, maxLinger time.Duration, maxBytes int) *committ
 // group is what one proposal carries.
 type group struct {
 	members []*pending
-	buf     []byte // batch header room, then the members' encodings
+	// buf holds room for a Batch header, then the members' entries,
+	// encoded as inside a Batch (length and bare entry each). Encoding at
+	// enqueue copies the data at once: a caller that gives up may reuse its
+	// buffer while its write still waits here.
+	buf []byte
 }
 
 // submit replicates the validated entry e (never a Batch) with whatever else
@@ -102,30 +107,38 @@ func (c *committer) submit(ctx context.Context, e *Entry, what func() string) er
 	w := &pending{done: make(chan error, 1)}
 	w.deadline, _ = ctx.Deadline()
 	c.mu.Lock()
-	if len(c.queue) == 0 {
-		// A new buffer (the last one went to Raft with its proposal),
-		// sized like the last group so that a window does not regrow it.
-		c.buf = make([]byte, batchHeaderLen, max(c.lastLen, batchHeaderLen+4+e.bareLen())+trailerLen)
-	}
-	at := len(c.buf)
-	c.buf = append(c.buf, 0, 0, 0, 0)
-	c.buf = e.appendBare(c.buf, EntryVersion)
-	binary.BigEndian.PutUint32(c.buf[at:], uint32(len(c.buf)-at-4))
-	c.queue = append(c.queue, w)
 	var g *group
+	if n := len(c.queue); n > 0 {
+		g = c.queue[n-1]
+	}
+	size := 4 + e.bareLen()
+	if g == nil || len(g.members) == MaxBatch || len(g.buf)+size > batchHeaderLen+c.maxBytes {
+		// A new entry, its buffer sized like the last one so that a
+		// window does not regrow it.
+		g = &group{buf: make([]byte, batchHeaderLen, max(c.lastLen, batchHeaderLen+size)+trailerLen)}
+		c.queue = append(c.queue, g)
+	}
+	at := len(g.buf)
+	g.buf = append(g.buf, 0, 0, 0, 0)
+	g.buf = e.appendBare(g.buf, EntryVersion)
+	binary.BigEndian.PutUint32(g.buf[at:], uint32(len(g.buf)-at-4))
+	g.members = append(g.members, w)
+	c.lastLen = max(c.lastLen, len(g.buf))
+	c.queued++
+	var round []*group
 	if !c.running {
 		c.running = true
-		g = c.takeLocked()
+		round = c.takeLocked()
 	}
 	c.mu.Unlock()
 	select {
 	case c.more <- struct{}{}:
 	default:
 	}
-	if g != nil {
+	if round != nil {
 		// In its own goroutine: a proposal may outlast this caller's
 		// context, and the caller must be free to give up.
-		go c.run(g)
+		go c.run(round)
 	}
 	select {
 	case err := <-w.done:
@@ -140,45 +153,30 @@ func (c *committer) submit(ctx context.Context, e *Entry, what func() string) er
 	}
 }
 
-// takeLocked removes the oldest queued writes, up to maxBytes of them (at
-// least one), from the queue and returns them as a group. c.mu is held and
-// the queue is not empty.
-func (c *committer) takeLocked() *group {
-	n, end := 0, batchHeaderLen
-	for n < len(c.queue) && n < MaxBatch {
-		l := 4 + int(binary.BigEndian.Uint32(c.buf[end:]))
-		if n > 0 && end+l-batchHeaderLen > c.maxBytes {
-			break
-		}
-		end += l
-		n++
-	}
-	g := &group{members: c.queue[:n:n], buf: c.buf[:end]}
-	c.lastLen = end
-	if n == len(c.queue) {
-		// Hand the whole buffer over; the next enqueue starts a new one.
-		c.queue, c.buf = nil, nil
-		return g
-	}
-	rest := make([]byte, batchHeaderLen, batchHeaderLen+len(c.buf)-end)
-	c.buf = append(rest, c.buf[end:]...)
-	c.queue = append([]*pending(nil), c.queue[n:]...)
-	return g
+// takeLocked empties the queue and returns its entries, the next round.
+// c.mu is held.
+func (c *committer) takeLocked() []*group {
+	round := c.queue
+	c.queue, c.queued = nil, 0
+	return round
 }
 
-// run proposes g, delivers the outcome to its members, then keeps the
-// pipeline going with whatever queued meanwhile (lingering for the rest of
-// the window, see above), and gives it up once nothing comes.
-func (c *committer) run(g *group) {
+// run proposes a round, delivers the outcomes, then keeps the pipeline going
+// with whatever queued meanwhile (lingering for the rest of the window, see
+// above), and gives it up once nothing comes.
+func (c *committer) run(round []*group) {
 	for {
 		start := time.Now()
-		c.propose(g)
+		c.propose(round)
 		took := time.Since(start)
 		c.mu.Lock()
-		want := len(g.members) + len(c.queue)
-		if len(c.queue) < want {
+		want := c.queued
+		for _, g := range round {
+			want += len(g.members)
+		}
+		if c.queued < want {
 			end := time.Now().Add(min(c.maxLinger, took))
-			for len(c.queue) < want {
+			for c.queued < want {
 				left := time.Until(end)
 				if left <= 0 {
 					break
@@ -193,26 +191,42 @@ func (c *committer) run(g *group) {
 				c.mu.Lock()
 			}
 		}
-		if len(c.queue) == 0 {
+		if c.queued == 0 {
 			c.running = false
 			c.mu.Unlock()
 			return
 		}
-		g = c.takeLocked()
+		round = c.takeLocked()
 		c.mu.Unlock()
 	}
 }
 
-// propose turns g into one log entry (a plain entry when it holds one write,
-// a Batch otherwise), waits for Raft, and sends each member its outcome.
-// It waits for the future without a context: Raft answers every accepted
-// proposal (commit, lost leadership, shutdown), and members that stop
-// waiting earlier follow their own contexts.
-func (c *committer) propose(g *group) {
+// propose hands the round's entries to Raft together (one after the other,
+// without waiting, so the leader stores and sends them as one batch), waits
+// for each, and sends each member its outcome. It waits for the futures
+// without a context: Raft answers every accepted proposal (commit, lost
+// leadership, shutdown), and members that stop waiting earlier follow their
+// own contexts.
+func (c *committer) propose(round []*group) {
+	futures := make([]raft.ApplyFuture, len(round))
+	for i, g := range round {
+		futures[i] = c.apply(g)
+	}
+	for i, g := range round {
+		if futures[i] != nil {
+			g.deliver(futures[i])
+		}
+	}
+}
+
+// apply proposes g as one log entry (a plain entry when it holds one write,
+// a Batch otherwise). It returns nil, having told the members, if g is not
+// proposed.
+func (c *committer) apply(g *group) raft.ApplyFuture {
 	cmd := g.encode()
 	if err := c.p.fsm.Err(); err != nil {
 		g.fail(noReplyErr(err))
-		return
+		return nil
 	}
 	timeout := c.p.timeout
 	var latest time.Time
@@ -228,13 +242,18 @@ func (c *committer) propose(g *group) {
 	if !latest.IsZero() {
 		timeout = time.Until(latest)
 		if timeout <= 0 {
+			// Every member gave up: nobody waits for this entry.
 			g.fail(noReplyErr(context.DeadlineExceeded))
-			return
+			return nil
 		}
 	}
 	c.proposals.Add(1)
 	c.writes.Add(uint64(len(g.members)))
-	f := c.p.raft.Apply(cmd, timeout)
+	return c.p.raft.Apply(cmd, timeout)
+}
+
+// deliver waits for f, g's entry, and sends each member its outcome.
+func (g *group) deliver(f raft.ApplyFuture) {
 	if err := f.Error(); err != nil {
 		g.fail(noReplyErr(err))
 		return

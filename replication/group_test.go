@@ -104,7 +104,7 @@ func TestGroupCommit(t *testing.T) {
 	eventually(t, 5*time.Second, "ten writes queued", func() error {
 		rep.writes.mu.Lock()
 		defer rep.writes.mu.Unlock()
-		if n := len(rep.writes.queue); n != 10 {
+		if n := rep.writes.queued; n != 10 {
 			return fmt.Errorf("%d queued", n)
 		}
 		return nil
@@ -208,7 +208,7 @@ func TestGroupCommitCallerGivesUp(t *testing.T) {
 	eventually(t, 5*time.Second, "two writes queued", func() error {
 		rep.writes.mu.Lock()
 		defer rep.writes.mu.Unlock()
-		if n := len(rep.writes.queue); n != 2 {
+		if n := rep.writes.queued; n != 2 {
 			return fmt.Errorf("%d queued", n)
 		}
 		return nil
@@ -278,5 +278,54 @@ func TestFSMBatchApply(t *testing.T) {
 	}
 	if fx.fsm.AppliedIndex() != fx.next-1 {
 		t.Errorf("applied index %d, want %d", fx.fsm.AppliedIndex(), fx.next-1)
+	}
+}
+
+// TestGroupCommitSplitsLargeRounds: a round bigger than MaxBatchBytes travels
+// as several entries, proposed together in order, and every write lands.
+func TestGroupCommitSplitsLargeRounds(t *testing.T) {
+	fx := newFSMFixture(t, map[TargetID]int64{tA: 1 << 20})
+	fx.apply(t, Entry{Op: OpAddTarget, Target: tA, Size: 1 << 20})
+	gr := newGatedRaft(fx.fsm, fx.next)
+	rep := NewReplicator(gr, fx.fsm, ReplicatorOptions{MaxLinger: -1, MaxBatchBytes: 8 << 10})
+	s, _ := rep.Store(tA)
+	ctx := context.Background()
+
+	first := make(chan error, 1)
+	go func() { first <- s.WriteAt(ctx, pattern(1, 512), 0) }()
+	<-gr.apply
+	const n = 12 // 12 x 4 KiB: at most one 8 KiB entry's worth each time
+	errs := make(chan error, n)
+	for i := range n {
+		go func() { errs <- s.WriteAt(ctx, pattern(100+i, 4096), int64(i+1)*4096) }()
+	}
+	eventually(t, 5*time.Second, "all writes queued", func() error {
+		rep.writes.mu.Lock()
+		defer rep.writes.mu.Unlock()
+		if rep.writes.queued != n {
+			return fmt.Errorf("%d queued", rep.writes.queued)
+		}
+		return nil
+	})
+	close(gr.release)
+	if err := <-first; err != nil {
+		t.Fatal(err)
+	}
+	for range n {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+	// 4 KiB writes, 8 KiB per entry: one write per entry (two would
+	// exceed it with their length fields and headers).
+	if p, w := rep.WriteStats(); p != 1+n || w != 1+n {
+		t.Errorf("WriteStats = %d proposals, %d writes; want %d, %d", p, w, 1+n, 1+n)
+	}
+	img := fx.disks[tA].bytes()
+	for i := range n {
+		off := (i + 1) * 4096
+		if !bytes.Equal(img[off:off+4096], pattern(100+i, 4096)) {
+			t.Errorf("write %d missing", i)
+		}
 	}
 }
