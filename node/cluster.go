@@ -26,9 +26,11 @@ import (
 	"github.com/vblade-ha/vblade-ha/storage"
 )
 
-// logCacheSize is the number of newest Raft log entries kept in memory (a
-// write entry is at most a jumbo frame's sectors, ~9 KiB: at most ~36 MiB).
-const logCacheSize = 4096
+// logCacheSize is the number of newest Raft log entries kept in memory. With
+// group commit an entry carries up to 32 KiB of writes (replication's
+// DefaultMaxBatch, plus a jumbo write's worth), so 512 entries hold at most
+// ~20 MiB, and still the last several thousand writes a follower may ask for.
+const logCacheSize = 512
 
 // Node is one member of a vblade-ha cluster: the local images, the Raft
 // instance that replicates them, and the AoE targets that answer only while

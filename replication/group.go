@@ -56,7 +56,7 @@ type committer struct {
 	// as the log entries they will travel in (each at most maxBytes).
 	queue   []*group
 	queued  int // writes in queue
-	lastLen int // buffer length of the largest entry so far, to size the next
+	lastLen int // buffer length of the newest entry, to size the next
 
 	proposals atomic.Uint64 // log entries proposed for writes
 	writes    atomic.Uint64 // writes they carried
@@ -113,8 +113,9 @@ func (c *committer) submit(ctx context.Context, e *Entry, what func() string) er
 	}
 	size := 4 + e.bareLen()
 	if g == nil || len(g.members) == MaxBatch || len(g.buf)+size > batchHeaderLen+c.maxBytes {
-		// A new entry, its buffer sized like the last one so that a
-		// window does not regrow it.
+		// A new entry, its buffer sized like the previous one so that
+		// a window does not regrow it. (Not larger: Raft's log cache
+		// keeps the buffer as long as the entry.)
 		g = &group{buf: make([]byte, batchHeaderLen, max(c.lastLen, batchHeaderLen+size)+trailerLen)}
 		c.queue = append(c.queue, g)
 	}
@@ -123,7 +124,7 @@ func (c *committer) submit(ctx context.Context, e *Entry, what func() string) er
 	g.buf = e.appendBare(g.buf, EntryVersion)
 	binary.BigEndian.PutUint32(g.buf[at:], uint32(len(g.buf)-at-4))
 	g.members = append(g.members, w)
-	c.lastLen = max(c.lastLen, len(g.buf))
+	c.lastLen = len(g.buf)
 	c.queued++
 	var round []*group
 	if !c.running {
