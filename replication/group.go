@@ -259,26 +259,18 @@ func (g *group) deliver(f raft.ApplyFuture) {
 		g.fail(noReplyErr(err))
 		return
 	}
-	switch resp := f.Response().(type) {
-	case nil:
-		g.fail(nil)
-	case *BatchError:
-		for i, w := range g.members {
-			var err error
-			if i < len(resp.Errs) {
-				err = resp.Errs[i]
-			}
-			w.done <- err
+	resp := f.Response()
+	be, ok := resp.(*BatchError)
+	if !ok {
+		g.fail(outcome(resp))
+		return
+	}
+	for i, w := range g.members {
+		var err error
+		if i < len(be.Errs) {
+			err = be.Errs[i]
 		}
-	case *RejectedError:
-		g.fail(resp)
-	case error:
-		// This node could not apply a committed entry (FatalError): the
-		// other nodes did, the node must step down, and the initiators'
-		// retransmissions go to the next leader.
-		g.fail(noReplyErr(resp))
-	default:
-		g.fail(fmt.Errorf("unexpected FSM response %T", resp))
+		w.done <- err
 	}
 }
 

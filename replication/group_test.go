@@ -57,6 +57,19 @@ func (r *gatedRaft) proposals() [][]byte {
 	return append([][]byte(nil), r.cmds...)
 }
 
+// waitQueued waits until n writes wait in rep's committer for the next round.
+func waitQueued(t *testing.T, rep *Replicator, n int) {
+	t.Helper()
+	eventually(t, 5*time.Second, fmt.Sprintf("%d writes queued", n), func() error {
+		rep.writes.mu.Lock()
+		defer rep.writes.mu.Unlock()
+		if got := rep.writes.queued; got != n {
+			return fmt.Errorf("%d queued", got)
+		}
+		return nil
+	})
+}
+
 // TestGroupCommit: writes that arrive while a proposal is in flight go out
 // together as one Batch entry once it is answered, each caller gets its own
 // outcome (a rejected write among them fails alone), and the image holds
@@ -101,14 +114,7 @@ func TestGroupCommit(t *testing.T) {
 		}()
 	}
 	started.Wait()
-	eventually(t, 5*time.Second, "ten writes queued", func() error {
-		rep.writes.mu.Lock()
-		defer rep.writes.mu.Unlock()
-		if n := rep.writes.queued; n != 10 {
-			return fmt.Errorf("%d queued", n)
-		}
-		return nil
-	})
+	waitQueued(t, rep, 10)
 	gr.release <- struct{}{} // the first proposal is answered
 	if err := <-first; err != nil {
 		t.Fatalf("first write: %v", err)
@@ -205,14 +211,7 @@ func TestGroupCommitCallerGivesUp(t *testing.T) {
 	// the abandoned write in it) is still proposed.
 	live := make(chan error, 1)
 	go func() { live <- s.WriteAt(context.Background(), pattern(4, 512), 1024) }()
-	eventually(t, 5*time.Second, "two writes queued", func() error {
-		rep.writes.mu.Lock()
-		defer rep.writes.mu.Unlock()
-		if n := rep.writes.queued; n != 2 {
-			return fmt.Errorf("%d queued", n)
-		}
-		return nil
-	})
+	waitQueued(t, rep, 2)
 	gr.release <- struct{}{}
 	if err := <-first; err != nil {
 		t.Fatal(err)
@@ -299,14 +298,7 @@ func TestGroupCommitSplitsLargeRounds(t *testing.T) {
 	for i := range n {
 		go func() { errs <- s.WriteAt(ctx, pattern(100+i, 4096), int64(i+1)*4096) }()
 	}
-	eventually(t, 5*time.Second, "all writes queued", func() error {
-		rep.writes.mu.Lock()
-		defer rep.writes.mu.Unlock()
-		if rep.writes.queued != n {
-			return fmt.Errorf("%d queued", rep.writes.queued)
-		}
-		return nil
-	})
+	waitQueued(t, rep, n)
 	close(gr.release)
 	if err := <-first; err != nil {
 		t.Fatal(err)

@@ -120,18 +120,28 @@ func (p *Replicator) propose(ctx context.Context, e *Entry, what func() string) 
 	if err := wait(ctx, f); err != nil {
 		return noReply(what(), err)
 	}
-	switch resp := f.Response().(type) {
+	if err := outcome(f.Response()); err != nil {
+		return fmt.Errorf("replication: %s: %w", what(), err)
+	}
+	return nil
+}
+
+// outcome turns the FSM's response to one (non-Batch) entry into what its
+// proposer returns: nil, the *RejectedError, or an error wrapping
+// aoe.ErrNoReply.
+func outcome(resp any) error {
+	switch resp := resp.(type) {
 	case nil:
 		return nil
 	case *RejectedError:
-		return fmt.Errorf("replication: %s: %w", what(), resp)
+		return resp
 	case error:
 		// This node could not apply a committed entry (FatalError): the
 		// other nodes did, the node must step down, and the initiator's
 		// retransmission goes to the next leader.
-		return noReply(what(), resp)
+		return noReplyErr(resp)
 	default:
-		return fmt.Errorf("replication: %s: unexpected FSM response %T", what(), resp)
+		return fmt.Errorf("unexpected FSM response %T", resp)
 	}
 }
 
@@ -239,16 +249,7 @@ func (s *Store) ReadAt(ctx context.Context, p []byte, off int64) error {
 // p is copied at once, so the caller may reuse it when WriteAt returns, even
 // with an error.
 func (s *Store) WriteAt(ctx context.Context, p []byte, off int64) error {
-	if err := s.check("write", len(p), off); err != nil {
-		return err
-	}
-	e := Entry{Op: OpWrite, Target: s.id, Offset: off, Data: p}
-	if err := e.validate(); err != nil {
-		return fmt.Errorf("replication: write %d bytes at %d to %v: %w", len(p), off, s.id, err)
-	}
-	return s.rep.writes.submit(ctx, &e, func() string {
-		return fmt.Sprintf("write %d bytes at %d to %v", len(p), off, s.id)
-	})
+	return s.WriteAtOnce(ctx, p, off, aoe.RequestID{})
 }
 
 // WriteAtOnce implements aoe.DedupWriter: WriteAt with the request's identity
@@ -258,16 +259,20 @@ func (s *Store) WriteAt(ctx context.Context, p []byte, off int64) error {
 // length and data), and the copy is acknowledged like the original, on this
 // leader or on the next one. A zero id.Src means no identity: WriteAt.
 func (s *Store) WriteAtOnce(ctx context.Context, p []byte, off int64, id aoe.RequestID) error {
+	what := func() string {
+		if id.Src == (aoe.MAC{}) {
+			return fmt.Sprintf("write %d bytes at %d to %v", len(p), off, s.id)
+		}
+		return fmt.Sprintf("write %d bytes at %d to %v (from %v tag %#x)", len(p), off, s.id, id.Src, id.Tag)
+	}
 	if err := s.check("write", len(p), off); err != nil {
 		return err
 	}
 	e := Entry{Op: OpWrite, Target: s.id, Offset: off, Data: p, Request: id}
 	if err := e.validate(); err != nil {
-		return fmt.Errorf("replication: write %d bytes at %d to %v: %w", len(p), off, s.id, err)
+		return fmt.Errorf("replication: %s: %w", what(), err)
 	}
-	return s.rep.writes.submit(ctx, &e, func() string {
-		return fmt.Sprintf("write %d bytes at %d to %v (from %v tag %#x)", len(p), off, s.id, id.Src, id.Tag)
-	})
+	return s.rep.writes.submit(ctx, &e, what)
 }
 
 // Flush implements aoe.Disk. In a cluster it is a Raft barrier: it returns

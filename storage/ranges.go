@@ -37,30 +37,20 @@ func (r *rangeLocks) span(off int64, n int) (lo, hi int, wrap, all bool) {
 	return lo, hi, hi < lo, false
 }
 
-func (r *rangeLocks) lock(off int64, n int, write bool) {
-	lo, hi, wrap, all := r.span(off, n)
-	switch {
-	case all:
-		r.each(0, len(r)-1, write, true)
-	case wrap:
-		r.each(0, hi, write, true)
-		r.each(lo, len(r)-1, write, true)
-	default:
-		r.each(lo, hi, write, true)
-	}
-}
+func (r *rangeLocks) lock(off int64, n int, write bool)   { r.set(off, n, write, true) }
+func (r *rangeLocks) unlock(off int64, n int, write bool) { r.set(off, n, write, false) }
 
-func (r *rangeLocks) unlock(off int64, n int, write bool) {
-	lo, hi, wrap, all := r.span(off, n)
-	switch {
-	case all:
-		r.each(0, len(r)-1, write, false)
-	case wrap:
-		r.each(0, hi, write, false)
-		r.each(lo, len(r)-1, write, false)
-	default:
-		r.each(lo, hi, write, false)
+// set takes (lock) or releases the locks of the request's stripes, in
+// ascending lock order. A request covering every lock gets [0, last] from
+// span, like any unwrapped one.
+func (r *rangeLocks) set(off int64, n int, write, lock bool) {
+	lo, hi, wrap, _ := r.span(off, n)
+	if wrap {
+		r.each(0, hi, write, lock)
+		r.each(lo, len(r)-1, write, lock)
+		return
 	}
+	r.each(lo, hi, write, lock)
 }
 
 func (r *rangeLocks) each(from, to int, write, lock bool) {

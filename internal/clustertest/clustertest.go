@@ -480,35 +480,11 @@ func (c *Cluster) Form() {
 
 // ---------------------------------------------------------------- status
 
-// Status is the part of the admin API's GET /v1/status the tests read.
+// Status is a node's GET /v1/status, as the admin API defines it.
 type Status struct {
-	ID              string `json:"id"`
-	InCluster       bool   `json:"in_cluster"`
-	State           string `json:"state"`
-	Suffrage        string `json:"suffrage"`
-	Term            uint64 `json:"term"`
-	CommitIndex     uint64 `json:"commit_index"`
-	AppliedIndex    uint64 `json:"applied_index"`
-	FSMAppliedIndex uint64 `json:"fsm_applied_index"`
-	LastLogIndex    uint64 `json:"last_log_index"`
-	LeaderID        string `json:"leader_id"`
-	GateOpen        bool   `json:"gate_open"`
-	Targets         []struct {
-		Target  string `json:"target"`
-		MAC     string `json:"mac"`
-		Serving bool   `json:"serving"`
-	} `json:"targets"`
-	Transfer *struct {
-		Direction string `json:"direction"`
-		Bytes     int64  `json:"bytes"`
-		Total     int64  `json:"total"`
-		Done      bool   `json:"done"`
-		Error     string `json:"error"`
-	} `json:"transfer"`
-	FatalError string `json:"fatal_error"`
+	node.NodeStatus
 }
 
-// Serving reports a leader with its gate open: the node that answers AoE.
 func (s *Status) Serving() bool { return s.State == "leader" && s.GateOpen }
 
 // Status asks n's admin socket (bounded by Options.StatusTimeout).

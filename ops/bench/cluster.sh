@@ -392,8 +392,23 @@ pidsof() {
 	esac
 }
 declare -A TGT=([cluster]=1.0 [ours]=2.0 [vblade]=3.0)
+# perf_point MTU STORE MODE IMPL REP: one bounded bench run against IMPL,
+# recorded with the CPU its target processes used per command (profiled with
+# PROFILE for the first repetition of each cluster write point).
+perf_point() {
+	local mtu=$1 store=$2 mode=$3 impl=$4 rep=$5 out c0 c1 cpu
+	pidsof "$impl"
+	c0=$(cpu_ticks "${PIDS[@]}")
+	[[ $impl != cluster || $rep != 1 || $mode != *write || -z ${PROFILE:-} ]] || profile_nodes "$mtu-$store-$mode"
+	out=$(bench "${TGT[$impl]}" -mode "$mode" -window "$WINDOW" -duration "$DUR") || true
+	c1=$(cpu_ticks "${PIDS[@]}")
+	wait_profiles
+	cpu=$(jq -r --arg d "$((c1 - c0))" --arg hz "$HZ" 'if .ops > 0 then ($d|tonumber) * 1e6 / ($hz|tonumber) / .ops | round | tostring else "-" end' <<<"${out:-null}" 2>/dev/null || echo -)
+	record perf "$mtu" "$store" "$mode" "$impl" "$rep" "$out" "$cpu"
+	log "  $mtu $store $mode $impl #$rep: $(jf iops "$out") IOPS"
+}
 perf_part() {
-	local mtu store d mode rep impl out c0 c1 pids cpu
+	local mtu store d mode rep impl
 	for mtu in $MTUS; do
 		set_mtu "$mtu"
 		for store in $STORES; do
@@ -407,28 +422,10 @@ perf_part() {
 			echo "mtu $mtu store $store: $(uptime)" >>"$WORK/load.txt"
 			for rep in $(seq "$REPS"); do
 				for mode in randwrite seqwrite; do
-					for impl in cluster vblade; do
-						pidsof "$impl"
-						c0=$(cpu_ticks "${PIDS[@]}")
-						[[ $impl != cluster || $rep != 1 || -z ${PROFILE:-} ]] || profile_nodes "$mtu-$store-$mode"
-						out=$(bench "${TGT[$impl]}" -mode "$mode" -window "$WINDOW" -duration "$DUR") || true
-						c1=$(cpu_ticks "${PIDS[@]}")
-						wait_profiles
-						cpu=$(jq -r --arg d "$((c1 - c0))" --arg hz "$HZ" 'if .ops > 0 then ($d|tonumber) * 1e6 / ($hz|tonumber) / .ops | round | tostring else "-" end' <<<"${out:-null}" 2>/dev/null || echo -)
-						record perf "$mtu" "$store" "$mode" "$impl" "$rep" "$out" "$cpu"
-						log "  $mtu $store $mode $impl #$rep: $(jf iops "$out") IOPS"
-					done
+					for impl in cluster vblade; do perf_point "$mtu" "$store" "$mode" "$impl" "$rep"; done
 				done
 				for mode in randread seqread; do
-					for impl in cluster ours; do
-						pidsof "$impl"
-						c0=$(cpu_ticks "${PIDS[@]}")
-						out=$(bench "${TGT[$impl]}" -mode "$mode" -window "$WINDOW" -duration "$DUR") || true
-						c1=$(cpu_ticks "${PIDS[@]}")
-						cpu=$(jq -r --arg d "$((c1 - c0))" --arg hz "$HZ" 'if .ops > 0 then ($d|tonumber) * 1e6 / ($hz|tonumber) / .ops | round | tostring else "-" end' <<<"${out:-null}" 2>/dev/null || echo -)
-						record perf "$mtu" "$store" "$mode" "$impl" "$rep" "$out" "$cpu"
-						log "  $mtu $store $mode $impl #$rep: $(jf iops "$out") IOPS"
-					done
+					for impl in cluster ours; do perf_point "$mtu" "$store" "$mode" "$impl" "$rep"; done
 				done
 			done
 			standalone_down
