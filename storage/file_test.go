@@ -1,6 +1,7 @@
 package storage
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -421,5 +422,58 @@ func TestAlignedBuffer(t *testing.T) {
 		if n > 0 && !(&directIO{memAlign: 4096, offAlign: 1}).aligned(b, 0) {
 			t.Errorf("AlignedBuffer(%d) is not 4096-aligned", n)
 		}
+	}
+}
+
+// recordingIO is a fileIO over a byte slice that records every write's
+// offset and length.
+type recordingIO struct {
+	data   []byte
+	writes [][2]int64
+	failAt int64 // a write starting here fails; -1: none
+}
+
+func (r *recordingIO) ReadAt(p []byte, off int64) (int, error) { return copy(p, r.data[off:]), nil }
+
+func (r *recordingIO) WriteAt(p []byte, off int64) (int, error) {
+	if off == r.failAt {
+		return 0, errors.New("injected")
+	}
+	r.writes = append(r.writes, [2]int64{off, int64(len(p))})
+	return copy(r.data[off:], p), nil
+}
+
+// A buffered write larger than maxPiece reaches the kernel as consecutive
+// writes of at most maxPiece (the page cache makes each one folio; see
+// maxPiece), with the data in place; a failing piece stops it with the error.
+func TestWritePieces(t *testing.T) {
+	const off = 512
+	for _, n := range []int{1024, maxPiece, maxPiece + 512, 3*maxPiece + 4096} {
+		r := &recordingIO{data: make([]byte, off+n), failAt: -1}
+		p := bytes.Repeat([]byte{0xa5, 0x5a, 0x01}, n/3+1)[:n]
+		if err := writePieces(r, p, off); err != nil {
+			t.Fatalf("%d bytes: %v", n, err)
+		}
+		if !bytes.Equal(r.data[off:], p) {
+			t.Fatalf("%d bytes: data differs after the write", n)
+		}
+		want := (n + maxPiece - 1) / maxPiece
+		if len(r.writes) != want {
+			t.Fatalf("%d bytes: %d writes %v, want %d", n, len(r.writes), r.writes, want)
+		}
+		next := int64(off)
+		for _, w := range r.writes {
+			if w[0] != next || w[1] > maxPiece || w[1] <= 0 {
+				t.Fatalf("%d bytes: writes %v are not consecutive pieces of at most %d", n, r.writes, maxPiece)
+			}
+			next += w[1]
+		}
+	}
+	r := &recordingIO{data: make([]byte, off+3*maxPiece), failAt: off + maxPiece}
+	if err := writePieces(r, make([]byte, 3*maxPiece), off); err == nil {
+		t.Fatal("a failing piece: no error")
+	}
+	if len(r.writes) != 1 {
+		t.Fatalf("writes after the failing piece: %v", r.writes)
 	}
 }
