@@ -114,18 +114,7 @@ func NewNode(cfg *Config, log *slog.Logger) (*Node, error) {
 	}
 	n.fsm = replication.NewFSM(replication.FSMOptions{Disks: disks, Sink: n, OnFatal: n.onFatal})
 	var err error
-	n.bolt, err = raftboltdb.New(raftboltdb.Options{Path: filepath.Join(cfg.DataDir, "raft.db"), BoltOptions: &bbolt.Options{
-		// bolt locks the file; without a timeout a second node on the
-		// same data_dir would hang instead of failing with the hint below.
-		Timeout: 2 * time.Second,
-		// The free-page list is rebuilt by a scan at open instead of
-		// being written at every commit: once the log has been compacted
-		// it spans many pages, and each commit (one per Raft round, on
-		// the leader and on every follower) would rewrite them all (etcd
-		// and Consul run bolt the same way).
-		NoFreelistSync: true,
-		FreelistType:   bbolt.FreelistMapType,
-	}})
+	n.bolt, err = openRaftLog(filepath.Join(cfg.DataDir, "raft.db"))
 	if err != nil {
 		return nil, fmt.Errorf("open raft log %s: %w (is another vblade node using this data_dir?)", filepath.Join(cfg.DataDir, "raft.db"), err)
 	}
@@ -628,3 +617,20 @@ func (w hlogWriter) Write(p []byte) (int, error) {
 }
 
 var _ io.Writer = hlogWriter{}
+
+// openRaftLog opens (or creates) the bolt file that holds a node's Raft log
+// and stable state.
+func openRaftLog(path string) (*raftboltdb.BoltStore, error) {
+	return raftboltdb.New(raftboltdb.Options{Path: path, BoltOptions: &bbolt.Options{
+		// bolt locks the file; without a timeout a second node on the
+		// same data_dir would hang instead of failing with the hint below.
+		Timeout: 2 * time.Second,
+		// The free-page list is rebuilt by a scan at open instead of
+		// being written at every commit: once the log has been compacted
+		// it spans many pages, and each commit (one per Raft round, on
+		// the leader and on every follower) would rewrite them all (etcd
+		// and Consul run bolt the same way).
+		NoFreelistSync: true,
+		FreelistType:   bbolt.FreelistMapType,
+	}})
+}

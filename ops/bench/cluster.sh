@@ -145,6 +145,15 @@ trap 'log interrupted; exit 130' INT TERM
 cp "$VB" "$WORK/vblade" && cp "$CTL" "$WORK/vbladectl" || die "cannot copy the binaries to $WORK"
 VB=$WORK/vblade
 CTL=$WORK/vbladectl
+# The log floor (BenchmarkLogRound in node/): the disk work of one round alone.
+LOGROUND=
+if [[ " $PARTS " == *" perf "* && " $STORES " == *" disk "* ]]; then
+	if go test -c -o "$WORK/node.test" ./node >"$WORK/loground-build.log" 2>&1; then
+		LOGROUND=$WORK/node.test
+	else
+		log "cannot build the log-floor benchmark (node.test), skipped: $(tail -1 "$WORK/loground-build.log")"
+	fi
+fi
 
 # ---- LAN: bridge namespace, n1..n4, initiator, standalone ----
 node_ns() { echo "$P-n$1"; }
@@ -410,6 +419,14 @@ perf_point() {
 	record perf "$mtu" "$store" "$mode" "$impl" "$rep" "$out" "$cpu"
 	log "  $mtu $store $mode $impl #$rep: $(jf iops "$out") IOPS"
 }
+# log_floor MTU DIR: BenchmarkLogRound on DIR's disk, the cluster idle, between the write points.
+log_floor() {
+	local out
+	out=$(LOGROUND_DIR=$2 "$LOGROUND" -test.run '^$' -test.bench '^BenchmarkLogRound$' -test.benchtime "$DUR" 2>&1 | grep '^BenchmarkLogRound')
+	[[ -n $out ]] || { log "log floor: no result"; return; }
+	echo -e "$1\t$(awk '{for (i = 1; i < NF; i++) if ($(i+1) == "ms/quorum") q = $i; else if ($(i+1) == "ceiling-IOPS") c = $i; print q "\t" c}' <<<"$out")" >>"$WORK/floor.tsv"
+	log "  log floor: $out"
+}
 perf_part() {
 	local mtu store d mode rep impl
 	for mtu in $MTUS; do
@@ -431,6 +448,7 @@ perf_part() {
 					for impl in cluster vblade; do perf_point "$mtu" "$store" "$mode" "$impl" "$rep"; done
 				done
 			done
+			[[ $store != disk || -z $LOGROUND ]] || log_floor "$mtu" "$d"
 			for rep in $(seq "$REPS"); do
 				for mode in randread seqread; do
 					for impl in cluster ours; do perf_point "$mtu" "$store" "$mode" "$impl" "$rep"; done
@@ -599,6 +617,15 @@ if [[ " $PARTS " == *" perf "* ]]; then
 			"${line[0]}" "${line[1]}" "${line[2]}" "${line[3]}" "${line[4]}" "${line[5]}" "${line[6]}" "${line[7]}" "${line[8]}" "${line[9]}" "$ratio" "$other"
 		echo -e "$mtu\t$store\t$mode\t$other\t$ratio" >>"$WORK/ratios.tsv"
 	done; done; done
+	if [[ -s $WORK/floor.tsv ]]; then
+		echo
+		echo "Log floor (disk): the leader's bolt commit of a 16-write Batch entry, then the first of the two followers' (BenchmarkLogRound:"
+		echo "no network, no apply, no AoE), measured between the write points; 16 writes per round bound any implementation on this log:"
+		while IFS=$'\t' read -r mtu q c; do
+			v=$(awk -F'\t' -v m="$mtu" '$1=="perf" && $2==m && $3=="disk" && $4=="randwrite" && $5=="vblade" {print $7}' "$RESULTS" | med)
+			awk -v m="$mtu" -v q="$q" -v c="$c" -v v="$v" 'BEGIN { printf "  mtu %-5s %s ms per quorum -> at most %.0f IOPS at window 16 = %s x vblade -s randwrite (%.0f)\n", m, q, c, (v > 0) ? sprintf("%.2f", c / v) : "-", v }'
+		done <"$WORK/floor.tsv"
+	fi
 	echo
 	echo "Targets (window $WINDOW):"
 	awk -F'\t' '{
