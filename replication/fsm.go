@@ -143,8 +143,10 @@ type FSM struct {
 	// path (holding applyMu) and Restore change it, under mu.
 	recent  map[TargetID]*recentWrites
 	applied uint64        // last log index whose effect is in the images
-	fatal   *FatalError   // first fatal failure; sticky
 	changed chan struct{} // closed and replaced whenever applied moves
+	// fatal is the first fatal failure; sticky. Set under mu, read
+	// without it by Err, which every read and write of a target checks.
+	fatal atomic.Pointer[FatalError]
 
 	// streams counts full-image streams open on this node; while it is
 	// non-zero Snapshot refuses so the log is not compacted under them.
@@ -209,7 +211,7 @@ func (f *FSM) notify() {
 // error value (never a typed nil) or nil.
 func (f *FSM) applyOne(l *raft.Log) error {
 	f.mu.RLock()
-	applied, fatal := f.applied, f.fatal
+	applied, fatal := f.applied, f.fatal.Load()
 	f.mu.RUnlock()
 	if fatal != nil {
 		return fatal
@@ -492,9 +494,9 @@ func (f *FSM) checkLocal(id TargetID, size int64) error {
 
 func (f *FSM) setFatal(fe *FatalError) {
 	f.mu.Lock()
-	first := f.fatal == nil
+	first := f.fatal.Load() == nil
 	if first {
-		f.fatal = fe
+		f.fatal.Store(fe)
 	}
 	f.mu.Unlock()
 	if first && f.onFatal != nil {
@@ -504,12 +506,10 @@ func (f *FSM) setFatal(fe *FatalError) {
 
 // Err returns the FatalError that stopped this FSM, or nil.
 func (f *FSM) Err() error {
-	f.mu.RLock()
-	defer f.mu.RUnlock()
-	if f.fatal == nil {
-		return nil
+	if fe := f.fatal.Load(); fe != nil {
+		return fe
 	}
-	return f.fatal
+	return nil
 }
 
 // AppliedIndex is the last log index whose effect is in the local images.
@@ -524,7 +524,7 @@ func (f *FSM) AppliedIndex() uint64 {
 func (f *FSM) WaitApplied(ctx context.Context, index uint64) error {
 	for {
 		f.mu.RLock()
-		applied, fatal, ch := f.applied, f.fatal, f.changed
+		applied, fatal, ch := f.applied, f.fatal.Load(), f.changed
 		f.mu.RUnlock()
 		if applied >= index {
 			return nil

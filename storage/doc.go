@@ -9,6 +9,10 @@
 // allocate when the caller's buffers are suitably aligned: a per-frame
 // allocation would show up directly in the frame rate.
 //
+// Buffered writes reach the kernel in pieces of at most 32 KiB: the page
+// cache keeps each write(2) as one folio, and every later small write into a
+// large folio walks all of it (see maxPiece).
+//
 // Durability model of File:
 //
 //   - Without Options.Sync a write lands in the page cache (or, with

@@ -449,6 +449,10 @@ perf_part() {
 				done
 			done
 			[[ $store != disk || -z $LOGROUND ]] || log_floor "$mtu" "$d"
+			# The write points leave dirty pages in all four images; their
+			# writeback (30 s later) would land on whichever read point
+			# runs then.
+			sync
 			for rep in $(seq "$REPS"); do
 				for mode in randread seqread; do
 					for impl in cluster ours; do perf_point "$mtu" "$store" "$mode" "$impl" "$rep"; done
