@@ -3,6 +3,7 @@ package node
 import (
 	"os"
 	"path/filepath"
+	"strconv"
 	"sync"
 	"testing"
 	"time"
@@ -15,7 +16,7 @@ import (
 
 // BenchmarkLogRound measures the disk work every replicated write round must
 // wait for, and nothing else: the leader's Raft log commit of one Batch entry
-// holding 16 one-frame writes (MTU 1500), then the two followers' commits of
+// holding 16 one-frame writes (at LOGROUND_MTU, default 1500), then the two followers' commits of
 // the same entry at once, until the first of them is done (a quorum). That is
 // the order hashicorp/raft imposes (the leader stores before it replicates),
 // and each bolt commit is two fdatasyncs. No network, no apply, no AoE: the
@@ -44,21 +45,48 @@ func BenchmarkLogRound(b *testing.B) {
 		b.Cleanup(func() { s.Close() })
 		stores[i] = s
 	}
+	// One frame's worth of sectors per write, as the bench sends; the
+	// round goes in Batch entries of at most replication.DefaultMaxBatch
+	// bytes, as the leader's group commit proposes it.
+	mtu := 1500
+	if v := os.Getenv("LOGROUND_MTU"); v != "" {
+		var err error
+		if mtu, err = strconv.Atoi(v); err != nil {
+			b.Fatalf("LOGROUND_MTU=%q: %v", v, err)
+		}
+	}
+	var entries [][]byte
 	batch := replication.Entry{Op: replication.OpBatch}
+	size := 0
+	flush := func() {
+		data, err := batch.MarshalBinary()
+		if err != nil {
+			b.Fatal(err)
+		}
+		entries = append(entries, data)
+		batch.Batch, size = nil, 0
+	}
 	for i := range window {
-		batch.Batch = append(batch.Batch, replication.Entry{
+		w := replication.Entry{
 			Op: replication.OpWrite, Target: replication.TargetID{Shelf: 1}, Offset: int64(i) << 20,
-			Data: make([]byte, 2*aoe.SectorSize), Request: aoe.RequestID{Src: aoe.MAC{2, 0, 0, 0, 0, 1}, Tag: uint32(i)},
-		})
+			Data: make([]byte, aoe.SectorsPerFrame(mtu)*aoe.SectorSize), Request: aoe.RequestID{Src: aoe.MAC{2, 0, 0, 0, 0, 1}, Tag: uint32(i)},
+		}
+		if size > 0 && size+len(w.Data) > replication.DefaultMaxBatch {
+			flush()
+		}
+		batch.Batch = append(batch.Batch, w)
+		size += len(w.Data)
 	}
-	data, err := batch.MarshalBinary()
-	if err != nil {
-		b.Fatal(err)
-	}
+	flush()
 	var quorum time.Duration
+	next := uint64(1)
 	b.ResetTimer()
-	for i := range b.N {
-		logs := []*raft.Log{{Index: uint64(i) + 1, Term: 1, Type: raft.LogCommand, Data: data}}
+	for range b.N {
+		logs := make([]*raft.Log, len(entries))
+		for j, data := range entries {
+			logs[j] = &raft.Log{Index: next, Term: 1, Type: raft.LogCommand, Data: data}
+			next++
+		}
 		start := time.Now()
 		if err := stores[0].StoreLogs(logs); err != nil {
 			b.Fatal(err)

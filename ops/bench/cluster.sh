@@ -422,7 +422,7 @@ perf_point() {
 # log_floor MTU DIR: BenchmarkLogRound on DIR's disk, the cluster idle, between the write points.
 log_floor() {
 	local out
-	out=$(LOGROUND_DIR=$2 "$LOGROUND" -test.run '^$' -test.bench '^BenchmarkLogRound$' -test.benchtime "$DUR" 2>&1 | grep '^BenchmarkLogRound')
+	out=$(LOGROUND_DIR=$2 LOGROUND_MTU=$1 "$LOGROUND" -test.run '^$' -test.bench '^BenchmarkLogRound$' -test.benchtime "$DUR" 2>&1 | grep '^BenchmarkLogRound')
 	[[ -n $out ]] || { log "log floor: no result"; return; }
 	echo -e "$1\t$(awk '{for (i = 1; i < NF; i++) if ($(i+1) == "ms/quorum") q = $i; else if ($(i+1) == "ceiling-IOPS") c = $i; print q "\t" c}' <<<"$out")" >>"$WORK/floor.tsv"
 	log "  log floor: $out"
@@ -623,8 +623,9 @@ if [[ " $PARTS " == *" perf "* ]]; then
 	done; done; done
 	if [[ -s $WORK/floor.tsv ]]; then
 		echo
-		echo "Log floor (disk): the leader's bolt commit of a 16-write Batch entry, then the first of the two followers' (BenchmarkLogRound:"
-		echo "no network, no apply, no AoE), measured between the write points; 16 writes per round bound any implementation on this log:"
+		echo "Log floor (disk): the leader's bolt commit of a round of 16 one-frame writes (Batch entries of <= 32 KiB), then the first"
+		echo "of the two followers' (BenchmarkLogRound: no network, no apply, no AoE), measured between the write points; 16 writes per"
+		echo "such round bound any implementation on this log at window 16:"
 		while IFS=$'\t' read -r mtu q c; do
 			v=$(awk -F'\t' -v m="$mtu" '$1=="perf" && $2==m && $3=="disk" && $4=="randwrite" && $5=="vblade" {print $7}' "$RESULTS" | med)
 			awk -v m="$mtu" -v q="$q" -v c="$c" -v v="$v" 'BEGIN { printf "  mtu %-5s %s ms per quorum -> at most %.0f IOPS at window 16 = %s x vblade -s randwrite (%.0f)\n", m, q, c, (v > 0) ? sprintf("%.2f", c / v) : "-", v }'
