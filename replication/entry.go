@@ -222,7 +222,22 @@ func (e *Entry) appendVersion(b []byte, v byte) ([]byte, error) {
 	start := len(b)
 	b = append(b, v)
 	b = e.appendBare(b, v)
-	return binary.BigEndian.AppendUint32(b, crc32.Checksum(b[start:], castagnoli)), nil
+	return appendChecksum(b, start), nil
+}
+
+// appendChecksum appends the checksum of the entry encoded in b[start:].
+func appendChecksum(b []byte, start int) []byte {
+	return binary.BigEndian.AppendUint32(b, crc32.Checksum(b[start:], castagnoli))
+}
+
+// appendMember appends the validated entry e as held inside a Batch: its
+// length, then its encoding without version and checksum.
+func appendMember(b []byte, e *Entry, v byte) []byte {
+	at := len(b)
+	b = append(b, 0, 0, 0, 0)
+	b = e.appendBare(b, v)
+	binary.BigEndian.PutUint32(b[at:], uint32(len(b)-at-4))
+	return b
 }
 
 // appendBare appends op, shelf, slot and body of the validated entry e.
@@ -245,10 +260,7 @@ func (e *Entry) appendBare(b []byte, v byte) []byte {
 	case OpBatch:
 		b = binary.BigEndian.AppendUint16(b, uint16(len(e.Batch)))
 		for i := range e.Batch {
-			at := len(b)
-			b = append(b, 0, 0, 0, 0)
-			b = e.Batch[i].appendBare(b, v)
-			binary.BigEndian.PutUint32(b[at:], uint32(len(b)-at-4))
+			b = appendMember(b, &e.Batch[i], v)
 		}
 	}
 	return b

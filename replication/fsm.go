@@ -250,20 +250,22 @@ func (f *FSM) applyCommand(l *raft.Log) error {
 		// only safe move is to stop before the hole.
 		return &FatalError{Index: l.Index, Op: "decode", Err: err}
 	}
+	// The entries in order: a Batch's, as if each had an index of its own,
+	// or the one entry. A fatal failure stops the batch where it happened;
+	// the node stops there (a restart replays the whole batch, whose writes
+	// land the same way again). Rejections are reported entry by entry.
+	// Writes that continue each other (same target, each starting where the
+	// previous ended, as a sequential writer's window does) go to the image
+	// as one write; the result is the same as writing them one by one in
+	// order.
+	entries := e.Batch
 	if e.Op != OpBatch {
-		return f.applyEntry(l.Index, &e)
+		entries = []Entry{e}
 	}
-	// A Batch: its entries in order, as if each had an index of its own.
-	// A fatal failure stops the batch where it happened; the node stops
-	// there (a restart replays the whole batch, whose writes land the same
-	// way again). Rejections are reported entry by entry. Writes that
-	// continue each other (same target, each starting where the previous
-	// ended, as a sequential writer's window does) go to the image as one
-	// write; the result is the same as writing them one by one in order.
 	var errs []error
 	var run writeRun
-	for i := range e.Batch {
-		sub := &e.Batch[i]
+	for i := range entries {
+		sub := &entries[i]
 		var err error
 		if sub.Op == OpWrite {
 			var apply bool
@@ -285,11 +287,11 @@ func (f *FSM) applyCommand(l *raft.Log) error {
 		if err == nil {
 			continue
 		}
-		if _, ok := err.(*FatalError); ok {
+		if _, ok := err.(*FatalError); ok || e.Op != OpBatch {
 			return err
 		}
 		if errs == nil {
-			errs = make([]error, len(e.Batch))
+			errs = make([]error, len(entries))
 		}
 		errs[i] = err
 	}
@@ -381,7 +383,8 @@ func (f *FSM) writeImage(index uint64, target TargetID, data []byte, off int64) 
 	return nil
 }
 
-// applyEntry applies one entry (not a Batch) of the log entry at index.
+// applyEntry applies one entry, neither a Write (admitWrite and a write run,
+// in applyCommand) nor a Batch, of the log entry at index.
 func (f *FSM) applyEntry(index uint64, e *Entry) error {
 	reject := func(format string, args ...any) error {
 		return &RejectedError{Index: index, Op: e.Op, Target: e.Target, Err: fmt.Errorf(format, args...)}
@@ -397,13 +400,6 @@ func (f *FSM) applyEntry(index uint64, e *Entry) error {
 	switch e.Op {
 	case OpNoop:
 		return nil
-
-	case OpWrite:
-		apply, err := f.admitWrite(index, e)
-		if !apply {
-			return err
-		}
-		return f.writeImage(index, e.Target, e.Data, e.Offset)
 
 	case OpSetState:
 		if t == nil {

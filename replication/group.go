@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/binary"
 	"fmt"
-	"hash/crc32"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -94,14 +93,12 @@ type group struct {
 	buf []byte
 }
 
-// submit replicates the validated entry e (never a Batch) with whatever else
-// is queued and returns its outcome: nil once committed and applied here, a
-// *RejectedError, or an error wrapping aoe.ErrNoReply. what is as for propose.
+// submit replicates the validated entry e (never a Batch; the caller has
+// checked the FSM, see Store.check) with whatever else is queued and returns
+// its outcome: nil once committed and applied here, a *RejectedError, or an
+// error wrapping aoe.ErrNoReply. what is as for propose.
 func (c *committer) submit(ctx context.Context, e *Entry, what func() string) error {
 	if err := ctx.Err(); err != nil {
-		return noReply(what(), err)
-	}
-	if err := c.p.fsm.Err(); err != nil {
 		return noReply(what(), err)
 	}
 	w := &pending{done: make(chan error, 1)}
@@ -119,10 +116,7 @@ func (c *committer) submit(ctx context.Context, e *Entry, what func() string) er
 		g = &group{buf: make([]byte, batchHeaderLen, max(c.lastLen, batchHeaderLen+size)+trailerLen)}
 		c.queue = append(c.queue, g)
 	}
-	at := len(g.buf)
-	g.buf = append(g.buf, 0, 0, 0, 0)
-	g.buf = e.appendBare(g.buf, EntryVersion)
-	binary.BigEndian.PutUint32(g.buf[at:], uint32(len(g.buf)-at-4))
+	g.buf = appendMember(g.buf, e, EntryVersion)
 	g.members = append(g.members, w)
 	c.lastLen = len(g.buf)
 	c.queued++
@@ -289,7 +283,7 @@ func (g *group) encode() []byte {
 		b[2], b[3], b[4] = 0, 0, 0
 		binary.BigEndian.PutUint16(b[headerLen:], uint16(len(g.members)))
 	}
-	return binary.BigEndian.AppendUint32(b, crc32.Checksum(b, castagnoli))
+	return appendChecksum(b, 0)
 }
 
 // noReplyErr marks err as an outcome the initiator must not hear of.
